@@ -1,0 +1,72 @@
+//! Batched, retried acknowledgements for one stream.
+//!
+//! Handler tasks hand over ids and move on; one task per stream turns them into `XACK`
+//! batches. An ack that fails (Redis down, reconnect attempts used up) is kept and retried
+//! with backoff until Redis confirms it, so an ack is never lost while the daemon lives.
+//! On shutdown the batch is flushed once the last handler task has dropped its sender.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::redis::StreamCommands;
+
+/// Largest number of ids in one XACK.
+const MAX_BATCH: usize = 512;
+
+/// The sending side: cheap to clone, one per handler task.
+#[derive(Clone, Debug)]
+pub struct Acker {
+    tx: mpsc::UnboundedSender<String>,
+}
+
+impl Acker {
+    /// Starts the ack task for `cmds`' stream and group. The task ends when every `Acker`
+    /// clone is dropped and all ids are acknowledged.
+    pub fn spawn(cmds: StreamCommands) -> (Acker, JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Acker { tx }, tokio::spawn(ack_loop(cmds, rx)))
+    }
+
+    /// Queues `id` for XACK.
+    pub fn ack(&self, id: String) {
+        // The receiver lives until every sender is gone, so this cannot fail while we
+        // hold `self`; if it ever did, the entry stays pending and is handled again.
+        let _ = self.tx.send(id);
+    }
+}
+
+async fn ack_loop(cmds: StreamCommands, mut rx: mpsc::UnboundedReceiver<String>) {
+    let mut batch: Vec<String> = Vec::with_capacity(MAX_BATCH);
+    while let Some(id) = rx.recv().await {
+        batch.push(id);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(id) => batch.push(id),
+                Err(_) => break,
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match cmds.ack(&batch).await {
+                Ok(_) => {
+                    tracing::debug!(stream = %cmds.stream, count = batch.len(), "acked");
+                    batch.clear();
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        stream = %cmds.stream,
+                        count = batch.len(),
+                        %error,
+                        retry_in = ?delay,
+                        "XACK failed; keeping the ids and retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

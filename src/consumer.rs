@@ -1,0 +1,694 @@
+//! The consume loop: one per stream, with backpressure, one task per entry, and retries.
+//!
+//! Backpressure is a semaphore of `max_block_read` slots. A read asks for exactly as many
+//! entries as there are free slots (`max_block_read - in_flight`) and each entry's task
+//! holds its slot until its handler process has exited, so no more than `max_block_read`
+//! handlers of a stream ever run at once. With no free slot the loop does not read; it
+//! waits for a slot.
+//!
+//! A failed attempt does not hold a slot while it waits: the task reports the id and a due
+//! time back to the loop, which keeps a timer heap. When a retry is due the loop claims
+//! the entry again (`XCLAIM`, which bumps Redis's delivery counter: that counter is the
+//! attempt number, so it survives restarts and takeovers by other consumers).
+//!
+//! On start the loop first re-reads its own pending list (id `0`), so a restarted daemon
+//! with the same consumer name finishes what it had before it reads new entries.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::Acker;
+use crate::config::StreamConfig;
+use crate::dlq::{self, Failure};
+use crate::handler::{self, HandlerCommand, Invocation, Outcome};
+use crate::payload;
+use crate::redis::{Entry, RedisError, StreamCommands};
+use crate::shutdown::Shutdown;
+
+/// Time between SIGTERM and SIGKILL for a handler's process group.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the final acks may take once every handler is done, when Redis is slow or
+/// down; after that, the unacked entries stay pending and are handled again later.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
+
+/// A failed entry waiting for its next attempt.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Retry {
+    due: Instant,
+    id: String,
+}
+
+/// State shared by the loop and its entry tasks.
+struct Shared {
+    cfg: StreamConfig,
+    handler: HandlerCommand,
+    cmds: StreamCommands,
+    acker: Acker,
+    retry_tx: mpsc::UnboundedSender<Retry>,
+    /// Ids whose handler is running (or about to): a due retry or a claimed entry that is
+    /// already here must not start a second handler.
+    in_flight: Mutex<HashSet<String>>,
+    abort: CancellationToken,
+}
+
+/// Marks an id as in flight for as long as it lives.
+struct InFlight {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl InFlight {
+    /// `None` when `id` is already in flight.
+    fn enter(shared: &Arc<Shared>, id: &str) -> Option<InFlight> {
+        let mut set = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(id.to_owned()).then(|| InFlight {
+            shared: shared.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut set = self
+            .shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.id);
+    }
+}
+
+/// One stream's consume loop, ready to run.
+pub struct StreamLoop {
+    shared: Arc<Shared>,
+    /// Commands on this loop's own connection, used only for the blocking read.
+    reader: StreamCommands,
+    retry_rx: mpsc::UnboundedReceiver<Retry>,
+    acker_task: JoinHandle<()>,
+}
+
+impl StreamLoop {
+    /// `commands` is the shared client for acks, claims and DLQ writes; `reader` must be a
+    /// connection of this loop's own.
+    pub fn new(
+        cfg: StreamConfig,
+        consumer: &str,
+        commands: fred::prelude::Client,
+        reader: fred::prelude::Client,
+        shutdown: &Shutdown,
+    ) -> Self {
+        let cmds = StreamCommands::new(commands, &cfg.name, &cfg.group, consumer);
+        let reader = StreamCommands::new(reader, &cfg.name, &cfg.group, consumer);
+        let (acker, acker_task) = Acker::spawn(cmds.clone());
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        let handler = HandlerCommand {
+            argv: cfg.handler.clone(),
+            env: cfg
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            timeout: cfg.handler_timeout,
+            kill_grace: KILL_GRACE,
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            handler,
+            cmds,
+            acker,
+            retry_tx,
+            in_flight: Mutex::new(HashSet::new()),
+            abort: shutdown.abort_token().clone(),
+        });
+        StreamLoop {
+            shared,
+            reader,
+            retry_rx,
+            acker_task,
+        }
+    }
+
+    /// Creates the consumer group if it is missing, retrying through Redis errors until it
+    /// works or shutdown begins.
+    pub async fn prepare(&self, shutdown: &Shutdown) -> Result<(), RedisError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.ensure_group().await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(stream = %self.shared.cfg.name, %error, retry_in = ?delay, "cannot set up consumer group; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.stopping() => return Err(RedisError::Stopped),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn ensure_group(&self) -> Result<(), RedisError> {
+        let cfg = &self.shared.cfg;
+        if self.shared.cmds.ensure_group(&cfg.start_id).await? {
+            tracing::info!(stream = %cfg.name, group = %cfg.group, start_id = %cfg.start_id, "created consumer group");
+        }
+        Ok(())
+    }
+
+    /// Runs until shutdown, then waits for every entry task and the last acks.
+    pub async fn run(mut self, shutdown: Shutdown) {
+        let cfg = &self.shared.cfg;
+        tracing::info!(
+            stream = %cfg.name,
+            group = %cfg.group,
+            consumer = %self.shared.cmds.consumer,
+            max_block_read = cfg.max_block_read,
+            "consume loop started"
+        );
+        let slots = Arc::new(Semaphore::new(cfg.max_block_read));
+        let mut tasks = JoinSet::new();
+        let mut retries = RetryQueue::default();
+        // Some(cursor) while we are still working through our own pending list.
+        let mut backlog_cursor = Some("0".to_owned());
+        let mut claim_timer = tokio::time::interval(cfg.claim_interval);
+        claim_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut claim_cursor: Option<String> = None;
+        let mut error_delay = Duration::from_millis(100);
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(self.shared.clone(), heartbeat_stop.clone()));
+
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.stopping() => break,
+                Some(retry) = self.retry_rx.recv() => {
+                    retries.push(retry);
+                    continue;
+                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    log_task_end(&self.shared.cfg.name, done);
+                    continue;
+                }
+                _ = claim_timer.tick() => {
+                    self.reap_idle_consumers().await;
+                    claim_cursor.get_or_insert_with(|| "0-0".to_owned());
+                    continue;
+                }
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let mut permits = vec![permit];
+            while let Ok(more) = slots.clone().try_acquire_owned() {
+                permits.push(more);
+            }
+
+            self.start_due_retries(&mut retries, &mut permits, &mut tasks);
+            if backlog_cursor.is_none()
+                && let Some(cursor) = claim_cursor.take()
+            {
+                claim_cursor = self.claim_round(&cursor, &mut permits, &mut tasks).await;
+            }
+            if permits.is_empty() {
+                continue;
+            }
+
+            let (id, block) = match &backlog_cursor {
+                Some(cursor) => (cursor.clone(), None),
+                None => (">".to_owned(), Some(self.block_for(&mut retries))),
+            };
+            let read = tokio::select! {
+                r = self.reader.read(permits.len(), block, &id) => r,
+                // Dropping the read is safe: anything it delivered is in our pending list
+                // and is picked up by the next start (or another consumer's claim).
+                _ = shutdown.stopping() => break,
+            };
+            let entries = match read {
+                Ok(entries) => {
+                    error_delay = Duration::from_millis(100);
+                    entries
+                }
+                Err(error) => {
+                    self.read_failed(error, &mut error_delay, &shutdown).await;
+                    continue;
+                }
+            };
+
+            if backlog_cursor.is_some() {
+                match self.attempt_numbers(&entries).await {
+                    Ok(attempts) => {
+                        backlog_cursor = entries.last().map(|e| e.id.clone());
+                        if backlog_cursor.is_none() {
+                            tracing::debug!(stream = %self.shared.cfg.name, "own pending entries done; reading new ones");
+                        }
+                        for entry in entries {
+                            let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
+                            self.spawn_attempt(entry, attempt, &mut permits, &mut tasks);
+                        }
+                    }
+                    Err(error) => {
+                        // The read bumped their counters; they stay pending and the
+                        // cursor stays put, so the next round reads them again.
+                        self.read_failed(error, &mut error_delay, &shutdown).await;
+                    }
+                }
+            } else {
+                for entry in entries {
+                    // A fresh delivery (`>`) always has delivery count 1.
+                    self.spawn_attempt(entry, 1, &mut permits, &mut tasks);
+                }
+            }
+        }
+
+        self.drain(tasks, heartbeat, heartbeat_stop).await;
+    }
+
+    /// One XAUTOCLAIM page of at most one entry per free slot. Returns the cursor to
+    /// continue from on the next round, or `None` when the scan of the pending list is
+    /// complete (the next `claim_interval` tick starts a new one).
+    async fn claim_round(
+        &self,
+        cursor: &str,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        tasks: &mut JoinSet<()>,
+    ) -> Option<String> {
+        let cfg = &self.shared.cfg;
+        if permits.is_empty() {
+            return Some(cursor.to_owned());
+        }
+        let claim = match self
+            .shared
+            .cmds
+            .autoclaim(cfg.claim_idle, cursor, permits.len())
+            .await
+        {
+            Ok(claim) => claim,
+            Err(error) => {
+                tracing::warn!(stream = %cfg.name, %error, "XAUTOCLAIM failed; trying again next interval");
+                return None;
+            }
+        };
+        for id in &claim.deleted {
+            tracing::warn!(stream = %cfg.name, %id, "pending entry was deleted from the stream; redis dropped it from the pending list");
+        }
+        let attempts = match self.attempt_numbers(&claim.entries).await {
+            Ok(attempts) => attempts,
+            Err(error) => {
+                // Claimed but not started: they are ours now and idle again after
+                // claim_idle, so the next scan (ours or another consumer's) takes them.
+                tracing::warn!(stream = %cfg.name, %error, "cannot read delivery counts of claimed entries");
+                return None;
+            }
+        };
+        for entry in claim.entries {
+            tracing::info!(stream = %cfg.name, id = %entry.id, "claimed an entry idle for over claim_idle");
+            let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
+            self.spawn_attempt(entry, attempt, permits, tasks);
+        }
+        (claim.next_cursor != "0-0").then_some(claim.next_cursor)
+    }
+
+    /// Removes other consumers that have been idle longer than `reap_idle` and hold no
+    /// pending entries (crashed or decommissioned workers that never said goodbye).
+    async fn reap_idle_consumers(&self) {
+        let cfg = &self.shared.cfg;
+        let cmds = &self.shared.cmds;
+        let consumers = match cmds.consumers().await {
+            Ok(consumers) => consumers,
+            Err(error) => {
+                tracing::debug!(stream = %cfg.name, %error, "XINFO CONSUMERS failed");
+                return;
+            }
+        };
+        let reap_ms = cfg.reap_idle.as_millis() as u64;
+        for consumer in consumers {
+            if consumer.name == cmds.consumer || consumer.pending > 0 || consumer.idle_ms < reap_ms
+            {
+                continue;
+            }
+            match cmds.delete_consumer(&consumer.name).await {
+                Ok(_) => {
+                    tracing::info!(stream = %cfg.name, consumer = %consumer.name, idle_ms = consumer.idle_ms, "removed idle consumer with no pending entries")
+                }
+                Err(error) => {
+                    tracing::debug!(stream = %cfg.name, %error, "XGROUP DELCONSUMER failed")
+                }
+            }
+        }
+    }
+
+    /// After stop: no reads; running handlers finish (or are aborted by the shutdown
+    /// clock); queued retries are dropped and stay pending for the next start.
+    async fn drain(
+        self,
+        mut tasks: JoinSet<()>,
+        heartbeat: JoinHandle<()>,
+        heartbeat_stop: CancellationToken,
+    ) {
+        let name = self.shared.cfg.name.clone();
+        if !tasks.is_empty() {
+            tracing::info!(stream = %name, running = tasks.len(), "waiting for running handlers");
+        }
+        while let Some(done) = tasks.join_next().await {
+            log_task_end(&name, done);
+        }
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
+        let cmds = self.shared.cmds.clone();
+        let StreamLoop {
+            shared, acker_task, ..
+        } = self;
+        // Dropping the last Acker lets the ack task flush and end.
+        drop(shared);
+        match tokio::time::timeout(FINAL_FLUSH, acker_task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(stream = %name, %error, "ack task failed"),
+            Err(_) => tracing::error!(
+                stream = %name,
+                "final acks did not reach redis in time; those entries stay pending and will run again"
+            ),
+        }
+        leave_group_if_idle(&cmds).await;
+        tracing::info!(stream = %name, "consume loop stopped");
+    }
+
+    /// How long the next `>` read may block: `block`, but no longer than until the next
+    /// retry is due.
+    fn block_for(&self, retries: &mut RetryQueue) -> Duration {
+        let block = self.shared.cfg.block;
+        match retries.next_due() {
+            Some(due) => block
+                .min(due.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1)),
+            None => block,
+        }
+    }
+
+    /// Delivery counts (= attempt numbers) of entries just delivered to us, by id.
+    async fn attempt_numbers(&self, entries: &[Entry]) -> Result<HashMap<String, u64>, RedisError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(HashMap::new());
+        };
+        let rows = self
+            .shared
+            .cmds
+            .my_pending(&first.id, &last.id, entries.len())
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.id, r.deliveries)).collect())
+    }
+
+    async fn read_failed(&self, error: RedisError, delay: &mut Duration, shutdown: &Shutdown) {
+        let name = &self.shared.cfg.name;
+        if error.is_nogroup() {
+            tracing::warn!(stream = %name, group = %self.shared.cfg.group, "consumer group is gone (NOGROUP); recreating it");
+            if let Err(error) = self.ensure_group().await {
+                tracing::warn!(stream = %name, %error, "recreating the consumer group failed");
+            }
+        } else {
+            tracing::warn!(stream = %name, %error, retry_in = ?delay, "XREADGROUP failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(*delay) => {}
+            _ = shutdown.stopping() => {}
+        }
+        *delay = (*delay * 2).min(Duration::from_secs(5));
+    }
+
+    fn start_due_retries(
+        &self,
+        retries: &mut RetryQueue,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let now = Instant::now();
+        while !permits.is_empty() {
+            let Some(retry) = retries.pop_due(now) else {
+                break;
+            };
+            let Some(guard) = InFlight::enter(&self.shared, &retry.id) else {
+                continue;
+            };
+            let Some(permit) = permits.pop() else { break };
+            tasks.spawn(retry_entry(self.shared.clone(), retry.id, permit, guard));
+        }
+    }
+
+    fn spawn_attempt(
+        &self,
+        entry: Entry,
+        attempt: u64,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let Some(guard) = InFlight::enter(&self.shared, &entry.id) else {
+            tracing::debug!(stream = %self.shared.cfg.name, id = %entry.id, "already running; skipping duplicate delivery");
+            return;
+        };
+        // A read never returns more entries than it asked for, and it asked for one per
+        // permit; if Redis ever did, the extra entry stays pending for a later round.
+        let Some(permit) = permits.pop() else {
+            tracing::warn!(stream = %self.shared.cfg.name, id = %entry.id, "read returned more entries than requested; leaving it pending");
+            return;
+        };
+        tasks.spawn(attempt_entry(
+            self.shared.clone(),
+            entry,
+            attempt,
+            permit,
+            guard,
+        ));
+    }
+}
+
+/// Failed entries waiting for their next attempt, earliest first. Scheduling an id again
+/// replaces its earlier due time (an entry claimed and failed again meanwhile must not get
+/// two retries).
+#[derive(Default)]
+struct RetryQueue {
+    heap: BinaryHeap<Reverse<Retry>>,
+    due: HashMap<String, Instant>,
+}
+
+impl RetryQueue {
+    fn push(&mut self, retry: Retry) {
+        self.due.insert(retry.id.clone(), retry.due);
+        self.heap.push(Reverse(retry));
+    }
+
+    fn next_due(&mut self) -> Option<Instant> {
+        self.drop_stale();
+        self.heap.peek().map(|Reverse(r)| r.due)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<Retry> {
+        if self.next_due()? > now {
+            return None;
+        }
+        let Reverse(retry) = self.heap.pop()?;
+        self.due.remove(&retry.id);
+        Some(retry)
+    }
+
+    /// Drops heap tops that were rescheduled since they were pushed.
+    fn drop_stale(&mut self) {
+        while let Some(Reverse(top)) = self.heap.peek() {
+            if self.due.get(&top.id) == Some(&top.due) {
+                return;
+            }
+            self.heap.pop();
+        }
+    }
+}
+
+/// Keeps the entries of running handlers fresh (idle time reset) every `claim_idle / 3`,
+/// so other consumers' XAUTOCLAIM never takes an entry whose handler is healthy.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let period = shared.cfg.claim_idle / 3;
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let ids: Vec<String> = {
+            let set = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            set.iter().cloned().collect()
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        if let Err(error) = shared.cmds.touch(ids).await {
+            tracing::warn!(stream = %shared.cfg.name, %error, "cannot refresh running entries (XCLAIM JUSTID)");
+        }
+    }
+}
+
+/// On a clean stop, a consumer with nothing pending removes itself from the group so
+/// `XINFO CONSUMERS` does not fill up with dead names. One with pending entries stays:
+/// deleting it would drop those entries from the pending list.
+async fn leave_group_if_idle(cmds: &StreamCommands) {
+    match cmds.my_pending("-", "+", 1).await {
+        Ok(rows) if rows.is_empty() => match cmds.delete_consumer(&cmds.consumer).await {
+            Ok(_) => {
+                tracing::info!(stream = %cmds.stream, consumer = %cmds.consumer, "left the consumer group (nothing pending)")
+            }
+            Err(error) => {
+                tracing::debug!(stream = %cmds.stream, %error, "XGROUP DELCONSUMER failed")
+            }
+        },
+        Ok(_) => {
+            tracing::info!(stream = %cmds.stream, "entries still pending; staying in the group for recovery")
+        }
+        Err(error) => {
+            tracing::debug!(stream = %cmds.stream, %error, "cannot check own pending entries")
+        }
+    }
+}
+
+fn log_task_end(stream: &str, done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done {
+        tracing::error!(stream, %error, "entry task failed; its entry stays pending");
+    }
+}
+
+/// Delay before attempt `failed + 1`: `retry_backoff * 2^(failed - 1)`, capped.
+pub fn backoff(cfg: &StreamConfig, failed: u64) -> Duration {
+    let doublings = failed.saturating_sub(1).min(32) as u32;
+    cfg.retry_backoff
+        .saturating_mul(2u32.saturating_pow(doublings))
+        .min(cfg.retry_backoff_max)
+}
+
+/// A due retry: take the entry again if it is still ours, then run it.
+async fn retry_entry(
+    shared: Arc<Shared>,
+    id: String,
+    permit: OwnedSemaphorePermit,
+    guard: InFlight,
+) {
+    let cmds = &shared.cmds;
+    let row = match cmds.pending_entry(&id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            tracing::debug!(stream = %cmds.stream, %id, "no longer pending; nothing to retry");
+            return;
+        }
+        Err(error) => return reschedule(&shared, id, error),
+    };
+    if row.consumer != cmds.consumer {
+        tracing::info!(stream = %cmds.stream, %id, owner = %row.consumer, "entry was taken over by another consumer; leaving the retry to it");
+        return;
+    }
+    // min-idle = the idle time just seen: if anyone touched the entry since, no claim.
+    match cmds.claim(&id, Duration::from_millis(row.idle_ms)).await {
+        Ok(Some(entry)) => {
+            attempt_entry(shared.clone(), entry, row.deliveries + 1, permit, guard).await
+        }
+        Ok(None) => {
+            tracing::debug!(stream = %cmds.stream, %id, "entry deleted or claimed elsewhere; nothing to retry");
+        }
+        Err(error) => reschedule(&shared, id, error),
+    }
+}
+
+fn reschedule(shared: &Shared, id: String, error: RedisError) {
+    let delay = Duration::from_secs(1);
+    tracing::warn!(stream = %shared.cmds.stream, %id, %error, retry_in = ?delay, "cannot claim entry for retry");
+    let _ = shared.retry_tx.send(Retry {
+        due: Instant::now() + delay,
+        id,
+    });
+}
+
+/// One attempt at one entry: run the handler and settle the entry (ack, retry, DLQ).
+async fn attempt_entry(
+    shared: Arc<Shared>,
+    entry: Entry,
+    attempt: u64,
+    permit: OwnedSemaphorePermit,
+    _guard: InFlight,
+) {
+    let cfg = &shared.cfg;
+    let cmds = &shared.cmds;
+    if entry.fields.is_none() {
+        tracing::warn!(stream = %cfg.name, id = %entry.id, "entry was deleted from the stream while pending; acking it away");
+        shared.acker.ack(entry.id);
+        return;
+    }
+    if attempt > cfg.max_attempts {
+        let failure = Failure {
+            reason: format!(
+                "delivered {attempt} times, more than max_attempts ({})",
+                cfg.max_attempts
+            ),
+            attempts: attempt - 1,
+            stderr: Vec::new(),
+        };
+        dlq::dead_letter(cmds, &cfg.dlq, &entry, &failure, &shared.abort).await;
+        return;
+    }
+    let stdin = match payload::stdin_for(cfg.payload, &cfg.payload_field, &cfg.name, &entry) {
+        Ok(stdin) => stdin,
+        Err(reason) => {
+            let failure = Failure {
+                reason,
+                attempts: 0,
+                stderr: Vec::new(),
+            };
+            dlq::dead_letter(cmds, &cfg.dlq, &entry, &failure, &shared.abort).await;
+            return;
+        }
+    };
+
+    let invocation = Invocation {
+        stream: &cfg.name,
+        group: &cfg.group,
+        consumer: &cmds.consumer,
+        id: &entry.id,
+        attempt,
+    };
+    let report = handler::run(&shared.handler, &invocation, stdin, &shared.abort).await;
+    // The slot is for the process; settling the entry does not need it.
+    drop(permit);
+
+    let elapsed_ms = report.elapsed.as_millis() as u64;
+    let final_failure = match &report.outcome {
+        Outcome::Success => {
+            tracing::info!(stream = %cfg.name, id = %entry.id, attempt, elapsed_ms, "handled");
+            shared.acker.ack(entry.id);
+            return;
+        }
+        Outcome::Aborted => {
+            tracing::warn!(stream = %cfg.name, id = %entry.id, attempt, "handler terminated by shutdown; entry stays pending");
+            return;
+        }
+        Outcome::Exited(code) if cfg.dlq_exit_codes.contains(code) => true,
+        _ => attempt >= cfg.max_attempts,
+    };
+    let reason = report.outcome.reason();
+    if final_failure {
+        let failure = Failure {
+            reason,
+            attempts: attempt,
+            stderr: report.stderr_tail,
+        };
+        dlq::dead_letter(cmds, &cfg.dlq, &entry, &failure, &shared.abort).await;
+    } else {
+        let delay = backoff(cfg, attempt);
+        tracing::warn!(stream = %cfg.name, id = %entry.id, attempt, elapsed_ms, %reason, retry_in = ?delay, "attempt failed");
+        let _ = shared.retry_tx.send(Retry {
+            due: Instant::now() + delay,
+            id: entry.id,
+        });
+    }
+}
