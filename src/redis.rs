@@ -83,11 +83,7 @@ pub struct PendingEntry {
 pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Client, RedisError> {
     let fred_config = FredConfig::from_url(&cfg.url).map_err(|e| {
         // fred's message may quote the URL; never let the password reach a log line.
-        RedisError::Url(format!(
-            "{} ({})",
-            cfg.redacted_url(),
-            format!("{:?}", e.kind())
-        ))
+        RedisError::Url(format!("{} ({:?})", cfg.redacted_url(), e.kind()))
     })?;
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
