@@ -227,12 +227,36 @@ impl StreamLoop {
                 Some(cursor) => (cursor.clone(), None),
                 None => (">".to_owned(), Some(self.block_for(&mut retries))),
             };
-            let read = tokio::select! {
-                r = self.reader.read(permits.len(), block, &id) => r,
-                // Dropping the read is safe: anything it delivered is in our pending list
-                // and is picked up by the next start (or another consumer's claim).
-                _ = shutdown.stopping() => break,
+            // While the read blocks, keep taking retries and finished tasks. A retry that
+            // falls due before the read would return interrupts it (CLIENT UNBLOCK ...
+            // TIMEOUT: it returns as if timed out, delivering nothing), so a retry is never
+            // late by up to `block`.
+            let read = self.reader.read(permits.len(), block, &id);
+            tokio::pin!(read);
+            let mut wake_at: Option<Instant> = None;
+            let read = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut read => break Some(r),
+                    // Dropping the read is safe: anything it delivered is in our pending
+                    // list and is picked up by the next start (or another consumer's claim).
+                    _ = shutdown.stopping() => break None,
+                    Some(retry) = self.retry_rx.recv() => {
+                        if block.is_some() {
+                            wake_at = Some(wake_at.map_or(retry.due, |w| w.min(retry.due)));
+                        }
+                        retries.push(retry);
+                    }
+                    Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                        log_task_end(&self.shared.cfg.name, done);
+                    }
+                    _ = sleep_until_some(wake_at) => {
+                        wake_at = None;
+                        self.reader.unblock().await;
+                    }
+                }
             };
+            let Some(read) = read else { break };
             let entries = match read {
                 Ok(entries) => {
                     error_delay = Duration::from_millis(100);
@@ -356,6 +380,9 @@ impl StreamLoop {
         heartbeat_stop: CancellationToken,
     ) {
         let name = self.shared.cfg.name.clone();
+        // A read dropped by the stop may still block the reader connection; release it so
+        // closing the connection does not wait for `block`.
+        self.reader.unblock().await;
         if !tasks.is_empty() {
             tracing::info!(stream = %name, running = tasks.len(), "waiting for running handlers");
         }
@@ -552,6 +579,14 @@ async fn leave_group_if_idle(cmds: &StreamCommands) {
         Err(error) => {
             tracing::debug!(stream = %cmds.stream, %error, "cannot check own pending entries")
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config as FredConfig, Error as FredError, EventInterface,
-    ReconnectPolicy, StreamsInterface, TransactionInterface,
+    Builder, Client, ClientInterface, ClientLike, Config as FredConfig, Error as FredError,
+    EventInterface, ReconnectPolicy, StreamsInterface, TransactionInterface,
 };
-use fred::types::Value;
+use fred::types::{ClientUnblockFlag, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisConfig;
@@ -208,6 +208,19 @@ impl StreamCommands {
             )
             .await?;
         parse_read_reply(reply)
+    }
+
+    /// Ends a blocking read on this client's connection early, as if its BLOCK had timed
+    /// out (no entries delivered). fred sends `CLIENT UNBLOCK id TIMEOUT` on a side
+    /// connection. Not being blocked is fine.
+    pub async fn unblock(&self) {
+        if let Err(error) = self
+            .client
+            .unblock_self(Some(ClientUnblockFlag::Timeout))
+            .await
+        {
+            tracing::trace!(%error, "CLIENT UNBLOCK");
+        }
     }
 
     /// `XACK` for a batch of ids. Returns how many were still pending.
