@@ -13,6 +13,10 @@ use std::time::Duration;
 /// config files.
 pub const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
 
+/// Environment variable whose value replaces `[daemon] consumer`, so several instances
+/// sharing one config file (e.g. a systemd template unit) get distinct consumer names.
+pub const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,6 +122,7 @@ impl Config {
         let host = Host {
             path_var: std::env::var_os("PATH"),
             hostname: system_hostname,
+            consumer_env: std::env::var(CONSUMER_ENV).ok(),
         };
         load_with(path, env_url, &host)
     }
@@ -251,6 +256,8 @@ struct Host {
     path_var: Option<std::ffi::OsString>,
     /// The default consumer name; `None` when it cannot be determined.
     hostname: fn() -> Option<String>,
+    /// [`CONSUMER_ENV`], which wins over `[daemon] consumer`.
+    consumer_env: Option<String>,
 }
 
 fn system_hostname() -> Option<String> {
@@ -382,9 +389,16 @@ impl Ctx<'_> {
 
     fn daemon(&self, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
         let key = KeyPath::new("daemon");
-        let consumer = match raw.consumer {
-            Some(c) => self.non_empty(&key.key("consumer"), c)?,
-            None => self.default_consumer(&key.key("consumer"))?,
+        let consumer = match (self.host.consumer_env.clone(), raw.consumer) {
+            (Some(c), _) if c.is_empty() => {
+                return Err(self.invalid(
+                    &key.key("consumer"),
+                    format!("{CONSUMER_ENV} is set but empty"),
+                ));
+            }
+            (Some(c), _) => c,
+            (None, Some(c)) => self.non_empty(&key.key("consumer"), c)?,
+            (None, None) => self.default_consumer(&key.key("consumer"))?,
         };
         Ok(DaemonConfig {
             consumer,
@@ -1035,7 +1049,22 @@ handler = ["sh", "-c", "cat"]
         Host {
             path_var: Some("/usr/bin:/bin".into()),
             hostname: || Some("testhost".to_string()),
+            consumer_env: None,
         }
+    }
+
+    #[test]
+    fn consumer_env_wins_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, &with("[daemon]\nconsumer = \"from-file\"\n"));
+        let mut h = host();
+        h.consumer_env = Some("host-1-a".into());
+        let config = load_with(&path, None, &h).unwrap();
+        assert_eq!(config.daemon.consumer, "host-1-a");
+        h.consumer_env = Some(String::new());
+        let (_, key, message) = invalid_from(load_with(&path, None, &h));
+        assert_eq!(key, "daemon.consumer");
+        assert!(message.contains("REDIS_STREAMD_CONSUMER"), "{message}");
     }
 
     fn with(extra: &str) -> String {

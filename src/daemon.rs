@@ -38,7 +38,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     let mut loops = Vec::with_capacity(config.streams.len());
     let mut readers: Vec<Client> = Vec::with_capacity(config.streams.len());
     for stream in &config.streams {
-        let reader = redis::connect_like(&commands).await?;
+        let reader = match redis::connect(&config.redis, shutdown.stop_token()).await {
+            Ok(client) => client,
+            Err(RedisError::Stopped) => break,
+            Err(e) => return Err(e.into()),
+        };
         redis::log_connection_events(&reader, "reader");
         readers.push(reader.clone());
         let stream_loop = StreamLoop::new(

@@ -125,13 +125,6 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
     }
 }
 
-/// A second, independent connection with the same settings (for a blocking reader).
-pub async fn connect_like(client: &Client) -> Result<Client, RedisError> {
-    let reader = client.clone_new();
-    reader.init().await?;
-    Ok(reader)
-}
-
 /// Logs connection loss and recovery of `client` until it is dropped.
 pub fn log_connection_events(client: &Client, role: &'static str) {
     let mut errors = client.error_rx();
