@@ -393,7 +393,10 @@ impl StreamLoop {
         let _ = heartbeat.await;
         let cmds = self.shared.cmds.clone();
         let StreamLoop {
-            shared, acker_task, ..
+            shared,
+            acker_task,
+            reader,
+            ..
         } = self;
         // Dropping the last Acker lets the ack task flush and end.
         drop(shared);
@@ -406,6 +409,7 @@ impl StreamLoop {
             ),
         }
         leave_group_if_idle(&cmds).await;
+        reader.quit().await;
         tracing::info!(stream = %name, "consume loop stopped");
     }
 

@@ -1,15 +1,21 @@
-//! The daemon: connections, one consume loop per stream, and the order of shutdown.
+//! The daemon: connections, one consume loop per stream, reload, and the order of shutdown.
+//!
+//! Each stream's loop runs in its own task with a child [`Shutdown`], so a reload can stop
+//! one stream (its running handlers finish first) while the others go on.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fred::prelude::{Client, ClientLike};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::Config;
+use crate::config::{Config, REDIS_URL_ENV, StreamConfig};
 use crate::consumer::StreamLoop;
 use crate::redis::{self, RedisError};
 use crate::shutdown::Shutdown;
 
-/// How long closing the connections may take.
+/// How long closing the shared connection may take.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the daemon could not run.
@@ -19,9 +25,37 @@ pub enum DaemonError {
     Redis(#[from] RedisError),
 }
 
+/// A stream is identified by its key and group: the pair config validation keeps unique.
+type StreamKey = (String, String);
+
+fn key_of(cfg: &StreamConfig) -> StreamKey {
+    (cfg.name.clone(), cfg.group.clone())
+}
+
+/// One stream's loop as the daemon sees it.
+struct Running {
+    cfg: StreamConfig,
+    stop: Shutdown,
+    handle: JoinHandle<()>,
+}
+
+struct Daemon {
+    config: Config,
+    commands: Client,
+    shutdown: Shutdown,
+    loops: HashMap<StreamKey, Running>,
+    /// Loops of removed streams, still finishing their handlers.
+    retiring: JoinSet<()>,
+}
+
 /// Connects, sets up every group, runs the loops until `shutdown`, and drains them.
-/// Returns `Ok` after a clean shutdown, including one requested while still connecting.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> {
+/// `reloads` delivers SIGHUP requests. Returns `Ok` after a clean shutdown, including
+/// one requested while still connecting.
+pub async fn run(
+    config: Config,
+    shutdown: Shutdown,
+    mut reloads: mpsc::UnboundedReceiver<()>,
+) -> Result<(), DaemonError> {
     tracing::info!(
         redis = %config.redis.redacted_url(),
         consumer = %config.daemon.consumer,
@@ -35,51 +69,180 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     };
     redis::log_connection_events(&commands, "commands");
 
-    let mut loops = Vec::with_capacity(config.streams.len());
-    let mut readers: Vec<Client> = Vec::with_capacity(config.streams.len());
-    for stream in &config.streams {
-        let reader = match redis::connect(&config.redis, shutdown.stop_token()).await {
-            Ok(client) => client,
-            Err(RedisError::Stopped) => break,
-            Err(e) => return Err(e.into()),
+    let mut daemon = Daemon {
+        config,
+        commands,
+        shutdown,
+        loops: HashMap::new(),
+        retiring: JoinSet::new(),
+    };
+    let (prepared_tx, mut prepared_rx) = mpsc::unbounded_channel();
+    for cfg in daemon.config.streams.clone() {
+        let running = daemon.start(cfg, None, Some(prepared_tx.clone()));
+        daemon.loops.insert(key_of(&running.cfg), running);
+    }
+    drop(prepared_tx);
+    // Ready once every group exists and every loop is about to read.
+    let mut startup_error = None;
+    for _ in 0..daemon.loops.len() {
+        // `None`: a loop task ended without reporting (it panicked); its error is logged.
+        let Some(prepared) = prepared_rx.recv().await else {
+            break;
         };
-        redis::log_connection_events(&reader, "reader");
-        readers.push(reader.clone());
-        let stream_loop = StreamLoop::new(
-            stream.clone(),
-            &config.daemon.consumer,
-            commands.clone(),
-            reader,
-            &shutdown,
-        );
-        match stream_loop.prepare(&shutdown).await {
-            Ok(()) => loops.push(stream_loop),
-            Err(RedisError::Stopped) => break,
-            Err(e) => return Err(e.into()),
+        if let Err(error) = prepared {
+            startup_error.get_or_insert(error);
+            daemon.shutdown.abort();
         }
+    }
+    if let Some(error) = startup_error {
+        daemon.wait_all().await;
+        return Err(error.into());
+    }
+    if !daemon.shutdown.is_stopping() {
+        tracing::info!(streams = daemon.loops.len(), "ready");
     }
 
-    let handles: Vec<_> = loops
-        .into_iter()
-        .map(|l| tokio::spawn(l.run(shutdown.clone())))
-        .collect();
-    if !shutdown.is_stopping() {
-        tracing::info!(streams = handles.len(), "ready");
-    }
-    for handle in handles {
-        if let Err(error) = handle.await {
-            tracing::error!(%error, "a consume loop failed");
+    loop {
+        tokio::select! {
+            _ = daemon.shutdown.stopping() => break,
+            Some(()) = reloads.recv() => daemon.reload().await,
         }
     }
-
-    for client in readers.iter().chain(std::iter::once(&commands)) {
-        if tokio::time::timeout(QUIT_TIMEOUT, client.quit())
-            .await
-            .is_err()
-        {
-            tracing::warn!("redis connection did not close in time");
-        }
+    daemon.wait_all().await;
+    if tokio::time::timeout(QUIT_TIMEOUT, daemon.commands.quit())
+        .await
+        .is_err()
+    {
+        tracing::warn!("redis connection did not close in time");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+impl Daemon {
+    /// Starts a loop for `cfg` in a task of its own, after `after` (the loop it replaces)
+    /// has finished. `prepared` hears when its group is set up (or why it could not be).
+    fn start(
+        &self,
+        cfg: StreamConfig,
+        after: Option<JoinHandle<()>>,
+        prepared: Option<mpsc::UnboundedSender<Result<(), RedisError>>>,
+    ) -> Running {
+        let stop = self.shutdown.child();
+        let redis_cfg = self.config.redis.clone();
+        let consumer = self.config.daemon.consumer.clone();
+        let commands = self.commands.clone();
+        let task_cfg = cfg.clone();
+        let task_stop = stop.clone();
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = after {
+                let _ = previous.await;
+            }
+            let mut prepared = prepared;
+            let mut report = |result: Result<(), RedisError>| {
+                if let Some(tx) = prepared.take() {
+                    let _ = tx.send(result);
+                }
+            };
+            let reader = match redis::connect(&redis_cfg, task_stop.stop_token()).await {
+                Ok(client) => client,
+                Err(RedisError::Stopped) => return report(Ok(())),
+                Err(error) => return report(Err(error)),
+            };
+            redis::log_connection_events(&reader, "reader");
+            let stream_loop = StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop);
+            match stream_loop.prepare(&task_stop).await {
+                Ok(()) | Err(RedisError::Stopped) => report(Ok(())),
+                Err(error) => return report(Err(error)),
+            }
+            stream_loop.run(task_stop).await;
+        });
+        Running { cfg, stop, handle }
+    }
+
+    /// Stops one loop gracefully: no more reads, running handlers get `shutdown_timeout`.
+    fn retire(&self, running: &Running) {
+        running.stop.stop();
+        let stop = running.stop.clone();
+        let timeout = self.config.daemon.shutdown_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            stop.abort();
+        });
+    }
+
+    /// Re-reads the config file. An invalid file is rejected and the running config
+    /// stays; otherwise new streams start, removed ones stop gracefully and changed ones
+    /// restart (the new loop starts once the old one has finished its handlers, so the
+    /// stream never runs more than `max_block_read` handlers).
+    async fn reload(&mut self) {
+        let path = self.config.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(&path, std::env::var(REDIS_URL_ENV).ok())
+        })
+        .await;
+        let new = match loaded {
+            Ok(Ok(config)) => config,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reload rejected: invalid config; keeping the running one");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload failed; keeping the running config");
+                return;
+            }
+        };
+        if new.redis.url != self.config.redis.url
+            || new.redis.connect_timeout != self.config.redis.connect_timeout
+            || new.daemon.consumer != self.config.daemon.consumer
+        {
+            tracing::warn!(
+                "[redis] and [daemon] consumer changes take effect on restart only; applying the rest"
+            );
+        }
+        self.config.daemon.shutdown_timeout = new.daemon.shutdown_timeout;
+
+        let mut old = std::mem::take(&mut self.loops);
+        let (mut started, mut restarted, mut unchanged) = (0, 0, 0);
+        for cfg in new.streams.iter().cloned() {
+            let key = key_of(&cfg);
+            let running = match old.remove(&key) {
+                Some(running) if running.cfg == cfg => {
+                    unchanged += 1;
+                    running
+                }
+                Some(previous) => {
+                    tracing::info!(stream = %cfg.name, group = %cfg.group, "stream changed; restarting its loop");
+                    self.retire(&previous);
+                    restarted += 1;
+                    self.start(cfg, Some(previous.handle), None)
+                }
+                None => {
+                    tracing::info!(stream = %cfg.name, group = %cfg.group, "new stream; starting its loop");
+                    started += 1;
+                    self.start(cfg, None, None)
+                }
+            };
+            self.loops.insert(key, running);
+        }
+        let stopped = old.len();
+        for (_, running) in old {
+            tracing::info!(stream = %running.cfg.name, group = %running.cfg.group, "stream removed; stopping its loop");
+            self.retire(&running);
+            self.retiring.spawn(async move {
+                let _ = running.handle.await;
+            });
+        }
+        self.config.streams = new.streams;
+        tracing::info!(started, restarted, stopped, unchanged, "config reloaded");
+    }
+
+    async fn wait_all(&mut self) {
+        for (_, running) in self.loops.drain() {
+            if let Err(error) = running.handle.await {
+                tracing::error!(stream = %running.cfg.name, %error, "a consume loop failed");
+            }
+        }
+        while self.retiring.join_next().await.is_some() {}
+    }
 }

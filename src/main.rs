@@ -79,11 +79,14 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = Shutdown::new();
-        if let Err(error) = signals::listen(shutdown.clone(), config.daemon.shutdown_timeout) {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        let listening =
+            signals::listen(shutdown.clone(), config.daemon.shutdown_timeout, reload_tx);
+        if let Err(error) = listening {
             tracing::error!(%error, "cannot install signal handlers");
             return ExitCode::from(EX_SOFTWARE);
         }
-        match daemon::run(config, shutdown).await {
+        match daemon::run(config, shutdown, reload_rx).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(DaemonError::Redis(error @ RedisError::ConnectTimeout { .. })) => {
                 tracing::error!(%error, "giving up");

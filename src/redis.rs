@@ -216,6 +216,16 @@ impl StreamCommands {
         }
     }
 
+    /// Closes this client's connection (bounded: Redis may be down).
+    pub async fn quit(&self) {
+        if tokio::time::timeout(Duration::from_secs(5), self.client.quit())
+            .await
+            .is_err()
+        {
+            tracing::debug!(stream = %self.stream, "redis connection did not close in time");
+        }
+    }
+
     /// `XACK` for a batch of ids. Returns how many were still pending.
     pub async fn ack(&self, ids: &[String]) -> Result<u64, RedisError> {
         Ok(self

@@ -17,6 +17,15 @@ impl Shutdown {
         Self::default()
     }
 
+    /// A shutdown of its own for one part (a stream's loop, stopped on reload) that also
+    /// follows every stage of `self`.
+    pub fn child(&self) -> Shutdown {
+        Shutdown {
+            stop: self.stop.child_token(),
+            abort: self.abort.child_token(),
+        }
+    }
+
     /// Stage one: no more reads. Idempotent.
     pub fn stop(&self) {
         self.stop.cancel();

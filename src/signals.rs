@@ -3,20 +3,26 @@
 //! The first signal stops reading and starts the `shutdown_timeout` clock; when it runs
 //! out, or on a second signal, running handlers are terminated. signal-hook-tokio installs
 //! real handlers, which also makes the signals reach us when we run as PID 1 in a
-//! container (the kernel drops default-action signals to PID 1).
+//! container (the kernel drops default-action signals to PID 1). SIGHUP asks the daemon
+//! to reload its config.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::shutdown::Shutdown;
 
 /// Starts listening. The returned task ends once shutdown has reached the abort stage.
-pub fn listen(shutdown: Shutdown, shutdown_timeout: Duration) -> std::io::Result<JoinHandle<()>> {
+pub fn listen(
+    shutdown: Shutdown,
+    shutdown_timeout: Duration,
+    reload: mpsc::UnboundedSender<()>,
+) -> std::io::Result<JoinHandle<()>> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let handle = signals.handle();
     Ok(tokio::spawn(async move {
@@ -31,7 +37,8 @@ pub fn listen(shutdown: Shutdown, shutdown_timeout: Duration) -> std::io::Result
             tokio::select! {
                 signal = signals.next() => match signal {
                     Some(SIGHUP) => {
-                        tracing::warn!("SIGHUP received; config reload is not supported yet, ignoring");
+                        tracing::info!("SIGHUP received: reloading the config");
+                        let _ = reload.send(());
                     }
                     Some(signal) if !shutdown.is_stopping() => {
                         tracing::info!(
