@@ -56,6 +56,15 @@ pub enum PayloadMode {
     Entry,
 }
 
+/// `mode` of a `[[streams]]` table: how entries reach the handler program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerMode {
+    /// A fresh process per entry attempt (the default).
+    Exec,
+    /// `max_block_read` long-lived processes fed one entry at a time (see `worker`).
+    Worker,
+}
+
 /// One `[[streams]]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamConfig {
@@ -63,6 +72,8 @@ pub struct StreamConfig {
     pub group: String,
     /// argv; `handler[0]` is the program, executed directly (no shell).
     pub handler: Vec<String>,
+    /// Default `Exec`.
+    pub mode: HandlerMode,
     /// At most this many handler processes of this stream run at once. >= 1.
     pub max_block_read: usize,
     /// XREADGROUP BLOCK. Default 5s.
@@ -149,6 +160,9 @@ impl Config {
                 s.dlq,
                 s.max_attempts
             ));
+            if s.mode == HandlerMode::Worker {
+                out.push_str("  mode=worker");
+            }
         }
         out
     }
@@ -230,6 +244,7 @@ struct RawStream {
     name: Option<String>,
     group: Option<String>,
     handler: Option<Vec<String>>,
+    mode: Option<String>,
     max_block_read: Option<i64>,
     block: Option<String>,
     start_id: Option<String>,
@@ -490,6 +505,7 @@ impl Ctx<'_> {
         Ok(StreamConfig {
             group: self.required(&key("group"), raw.group)?,
             handler: self.handler(&key("handler"), raw.handler)?,
+            mode: self.mode(&key("mode"), raw.mode)?,
             max_block_read: self.max_block_read(&key("max_block_read"), raw.max_block_read)?,
             block: self.positive_duration(&key("block"), raw.block, DEFAULT_BLOCK)?,
             start_id: self.start_id(&key("start_id"), raw.start_id)?,
@@ -587,6 +603,17 @@ impl Ctx<'_> {
                 format!(
                     "must be \"$\" (only new entries) or \"0\" (the whole stream), got {other:?}"
                 ),
+            )),
+        }
+    }
+
+    fn mode(&self, key: &KeyPath, value: Option<String>) -> Result<HandlerMode, ConfigError> {
+        match value.as_deref() {
+            None | Some("exec") => Ok(HandlerMode::Exec),
+            Some("worker") => Ok(HandlerMode::Worker),
+            Some(other) => Err(self.invalid(
+                key,
+                format!("must be \"exec\" or \"worker\", got {other:?}"),
             )),
         }
     }
@@ -1144,6 +1171,7 @@ shutdown_timeout = "45s"
 name = "orders"
 group = "order-workers"
 handler = ["/bin/sh", "-c", "cat >/dev/null"]
+mode = "worker"
 max_block_read = 4
 block = "250ms"
 start_id = "0"
@@ -1169,6 +1197,7 @@ reap_idle = "2h"
             name: "orders".into(),
             group: "order-workers".into(),
             handler: vec!["/bin/sh".into(), "-c".into(), "cat >/dev/null".into()],
+            mode: HandlerMode::Worker,
             max_block_read: 4,
             block: Duration::from_millis(250),
             start_id: "0".into(),
@@ -1189,6 +1218,17 @@ reap_idle = "2h"
             reap_idle: Duration::from_secs(7200),
         };
         assert_eq!(c.streams, vec![expected]);
+    }
+
+    #[test]
+    fn mode_must_be_exec_or_worker() {
+        assert_eq!(ok(MINIMAL).streams[0].mode, HandlerMode::Exec);
+        assert_invalid(
+            &with("mode = \"daemon\"\n"),
+            EXTRA,
+            "streams[0].mode",
+            "\"exec\" or \"worker\"",
+        );
     }
 
     #[test]

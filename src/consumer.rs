@@ -25,12 +25,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::Acker;
-use crate::config::StreamConfig;
+use crate::config::{HandlerMode, StreamConfig};
 use crate::dlq::{self, Failure};
-use crate::handler::{self, HandlerCommand, Invocation, Outcome};
+use crate::handler::{self, HandlerCommand, Invocation, Outcome, Report};
 use crate::payload;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::shutdown::Shutdown;
+use crate::worker::{PoolIdentity, WorkerPool};
 
 /// Time between SIGTERM and SIGKILL for a handler's process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -49,7 +50,7 @@ struct Retry {
 /// State shared by the loop and its entry tasks.
 struct Shared {
     cfg: StreamConfig,
-    handler: HandlerCommand,
+    executor: Executor,
     cmds: StreamCommands,
     acker: Acker,
     retry_tx: mpsc::UnboundedSender<Retry>,
@@ -57,6 +58,23 @@ struct Shared {
     /// already here must not start a second handler.
     in_flight: Mutex<HashSet<String>>,
     abort: CancellationToken,
+}
+
+/// How an entry reaches the handler program.
+enum Executor {
+    /// A fresh process per attempt.
+    Exec(HandlerCommand),
+    /// Long-lived processes (`mode = "worker"`).
+    Worker(WorkerPool),
+}
+
+impl Shared {
+    async fn run_handler(&self, invocation: &Invocation<'_>, stdin: bytes::Bytes) -> Report {
+        match &self.executor {
+            Executor::Exec(cmd) => handler::run(cmd, invocation, stdin, &self.abort).await,
+            Executor::Worker(pool) => pool.run(invocation, stdin, &self.abort).await,
+        }
+    }
 }
 
 /// Marks an id as in flight for as long as it lives.
@@ -120,9 +138,21 @@ impl StreamLoop {
             timeout: cfg.handler_timeout,
             kill_grace: KILL_GRACE,
         };
+        let executor = match cfg.mode {
+            HandlerMode::Exec => Executor::Exec(handler),
+            HandlerMode::Worker => Executor::Worker(WorkerPool::new(
+                handler,
+                PoolIdentity {
+                    stream: cfg.name.clone(),
+                    group: cfg.group.clone(),
+                    consumer: consumer.to_owned(),
+                },
+                cfg.max_block_read,
+            )),
+        };
         let shared = Arc::new(Shared {
             cfg,
-            handler,
+            executor,
             cmds,
             acker,
             retry_tx,
@@ -391,6 +421,9 @@ impl StreamLoop {
         }
         heartbeat_stop.cancel();
         let _ = heartbeat.await;
+        if let Executor::Worker(pool) = &self.shared.executor {
+            pool.shutdown().await;
+        }
         let cmds = self.shared.cmds.clone();
         let StreamLoop {
             shared,
@@ -696,7 +729,7 @@ async fn attempt_entry(
         id: &entry.id,
         attempt,
     };
-    let report = handler::run(&shared.handler, &invocation, stdin, &shared.abort).await;
+    let report = shared.run_handler(&invocation, stdin).await;
     // The slot is for the process; settling the entry does not need it.
     drop(permit);
 
@@ -712,6 +745,7 @@ async fn attempt_entry(
             return;
         }
         Outcome::Exited(code) if cfg.dlq_exit_codes.contains(code) => true,
+        Outcome::Rejected(_) => true,
         _ => attempt >= cfg.max_attempts,
     };
     let reason = report.outcome.reason();

@@ -116,6 +116,12 @@ pub enum Outcome {
     SpawnFailed(String),
     /// Stopped by the daemon's shutdown (`abort` token); neither success nor a failed attempt.
     Aborted,
+    /// A long-lived worker replied `fail <reason>`: a failed attempt.
+    Failed(String),
+    /// A long-lived worker replied `dlq <reason>`: straight to the DLQ.
+    Rejected(String),
+    /// A long-lived worker died, or broke the protocol, while handling the entry.
+    WorkerLost(String),
 }
 
 /// The result of one run.
@@ -140,6 +146,9 @@ impl Outcome {
             }
             Outcome::SpawnFailed(err) => format!("spawn failed: {err}"),
             Outcome::Aborted => "aborted".to_owned(),
+            Outcome::Failed(reason) | Outcome::Rejected(reason) | Outcome::WorkerLost(reason) => {
+                reason.clone()
+            }
         }
     }
 }
@@ -172,22 +181,8 @@ pub async fn run(
         return spawn_failed("empty handler argv".to_owned());
     };
 
-    let mut command = Command::new(program);
+    let mut command = base_command(program, args, cmd, inv.stream, inv.group, inv.consumer);
     command
-        .args(args)
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for name in STRIPPED_ENV {
-        command.env_remove(name);
-    }
-    command
-        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .env("REDIS_STREAMD_STREAM", inv.stream)
-        .env("REDIS_STREAMD_GROUP", inv.group)
-        .env("REDIS_STREAMD_CONSUMER", inv.consumer)
         .env("REDIS_STREAMD_ID", inv.id)
         .env("REDIS_STREAMD_ATTEMPT", inv.attempt.to_string());
 
@@ -325,6 +320,36 @@ pub async fn run(
     }
 }
 
+/// The command every handler process starts from, per-entry or long-lived: its own
+/// process group, three pipes, the daemon's environment minus [`STRIPPED_ENV`], the
+/// stream's `env`, and the `REDIS_STREAMD_*` variables that do not depend on the entry.
+pub(crate) fn base_command(
+    program: &str,
+    args: &[String],
+    cmd: &HandlerCommand,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for name in STRIPPED_ENV {
+        command.env_remove(name);
+    }
+    command
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .env("REDIS_STREAMD_STREAM", stream)
+        .env("REDIS_STREAMD_GROUP", group)
+        .env("REDIS_STREAMD_CONSUMER", consumer);
+    command
+}
+
 fn spawn_failed(err: String) -> Report {
     Report {
         outcome: Outcome::SpawnFailed(err),
@@ -333,7 +358,7 @@ fn spawn_failed(err: String) -> Report {
     }
 }
 
-fn outcome_of(status: ExitStatus) -> Outcome {
+pub(crate) fn outcome_of(status: ExitStatus) -> Outcome {
     match (status.code(), status.signal()) {
         (Some(0), _) => Outcome::Success,
         (Some(code), _) => Outcome::Exited(code),
@@ -344,12 +369,12 @@ fn outcome_of(status: ExitStatus) -> Outcome {
 }
 
 /// SIGTERM to the group, plus SIGCONT so that a stopped handler gets to act on it.
-fn terminate(pgid: Option<Pid>) {
+pub(crate) fn terminate(pgid: Option<Pid>) {
     signal_group(pgid, Signal::SIGTERM);
     signal_group(pgid, Signal::SIGCONT);
 }
 
-fn signal_group(pgid: Option<Pid>, signal: Signal) {
+pub(crate) fn signal_group(pgid: Option<Pid>, signal: Signal) {
     let Some(pgid) = pgid else { return };
     match killpg(pgid, signal) {
         Ok(()) | Err(Errno::ESRCH) => {}
@@ -487,12 +512,12 @@ fn log_line(which: Output, line: &[u8], inv: &Invocation<'_>) {
 
 /// Splits a byte stream into lines of at most [`MAX_LINE_BYTES`] (without the `\n`).
 #[derive(Debug, Default)]
-struct LineSplitter {
+pub(crate) struct LineSplitter {
     line: Vec<u8>,
 }
 
 impl LineSplitter {
-    fn push(&mut self, mut rest: &[u8], emit: &mut impl FnMut(&[u8])) {
+    pub(crate) fn push(&mut self, mut rest: &[u8], emit: &mut impl FnMut(&[u8])) {
         while !rest.is_empty() {
             if self.line.len() >= MAX_LINE_BYTES {
                 // A full piece: a newline right after it belongs to it (no empty line).
@@ -522,7 +547,7 @@ impl LineSplitter {
     }
 
     /// Emits an unterminated last line, if any.
-    fn finish(&mut self, emit: &mut impl FnMut(&[u8])) {
+    pub(crate) fn finish(&mut self, emit: &mut impl FnMut(&[u8])) {
         if !self.line.is_empty() {
             emit(&self.line);
             self.line.clear();
@@ -532,12 +557,12 @@ impl LineSplitter {
 
 /// The last [`STDERR_TAIL_BYTES`] bytes written to stderr.
 #[derive(Debug, Default)]
-struct StderrTail {
+pub(crate) struct StderrTail {
     buf: VecDeque<u8>,
 }
 
 impl StderrTail {
-    fn push(&mut self, chunk: &[u8]) {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
         let keep = chunk.len().min(STDERR_TAIL_BYTES);
         let chunk = chunk.get(chunk.len() - keep..).unwrap_or_default();
         let overflow = (self.buf.len() + chunk.len()).saturating_sub(STDERR_TAIL_BYTES);
@@ -545,7 +570,7 @@ impl StderrTail {
         self.buf.extend(chunk);
     }
 
-    fn into_vec(self) -> Vec<u8> {
+    pub(crate) fn into_vec(self) -> Vec<u8> {
         self.buf.into()
     }
 }

@@ -24,3 +24,4 @@ pub mod payload;
 pub mod redis;
 pub mod shutdown;
 pub mod signals;
+pub mod worker;
