@@ -780,6 +780,7 @@ fn clean_env(cmd: &mut Command) {
     for var in [
         "REDIS_STREAMD_REDIS_URL",
         "REDIS_STREAMD_CONFIG",
+        "REDIS_STREAMD_CONSUMER",
         "REDIS_STREAMD_LOG_LEVEL",
         "REDIS_STREAMD_LOG_FORMAT",
         "RUST_LOG",
