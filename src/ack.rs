@@ -5,6 +5,8 @@
 //! with backoff until Redis confirms it, so an ack is never lost while the daemon lives.
 //! On shutdown the batch is flushed once the last handler task has dropped its sender.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -19,6 +21,18 @@ const MAX_BATCH: usize = 512;
 #[derive(Clone, Debug)]
 pub struct Acker {
     tx: mpsc::UnboundedSender<String>,
+    unconfirmed: Unconfirmed,
+}
+
+/// Ids handed to the acker that Redis has not confirmed yet: still in the pending list,
+/// but settled, so nothing may run them again.
+#[derive(Clone, Debug, Default)]
+struct Unconfirmed(Arc<Mutex<HashSet<String>>>);
+
+impl Unconfirmed {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Acker {
@@ -26,18 +40,35 @@ impl Acker {
     /// clone is dropped and all ids are acknowledged.
     pub fn spawn(cmds: StreamCommands) -> (Acker, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Acker { tx }, tokio::spawn(ack_loop(cmds, rx)))
+        let unconfirmed = Unconfirmed::default();
+        let task = tokio::spawn(ack_loop(cmds, rx, unconfirmed.clone()));
+        (Acker { tx, unconfirmed }, task)
+    }
+
+    /// Whether `id` is queued for XACK or its XACK is not confirmed yet.
+    pub fn is_settling(&self, id: &str) -> bool {
+        self.unconfirmed.set().contains(id)
+    }
+
+    /// The ids whose XACK Redis has not confirmed yet.
+    pub fn unconfirmed(&self) -> Vec<String> {
+        self.unconfirmed.set().iter().cloned().collect()
     }
 
     /// Queues `id` for XACK.
     pub fn ack(&self, id: String) {
+        self.unconfirmed.set().insert(id.clone());
         // The receiver lives until every sender is gone, so this cannot fail while we
         // hold `self`; if it ever did, the entry stays pending and is handled again.
         let _ = self.tx.send(id);
     }
 }
 
-async fn ack_loop(cmds: StreamCommands, mut rx: mpsc::UnboundedReceiver<String>) {
+async fn ack_loop(
+    cmds: StreamCommands,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    unconfirmed: Unconfirmed,
+) {
     let mut batch: Vec<String> = Vec::with_capacity(MAX_BATCH);
     while let Some(id) = rx.recv().await {
         batch.push(id);
@@ -52,7 +83,10 @@ async fn ack_loop(cmds: StreamCommands, mut rx: mpsc::UnboundedReceiver<String>)
             match cmds.ack(&batch).await {
                 Ok(_) => {
                     tracing::debug!(stream = %cmds.stream, count = batch.len(), "acked");
-                    batch.clear();
+                    let mut set = unconfirmed.set();
+                    for id in batch.drain(..) {
+                        set.remove(&id);
+                    }
                     break;
                 }
                 Err(error) => {

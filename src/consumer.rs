@@ -19,7 +19,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,9 @@ use crate::worker::{PoolIdentity, WorkerPool};
 
 /// Time between SIGTERM and SIGKILL for a handler's process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// How many of our own pending entries one scan for lost deliveries looks at.
+const LOST_SCAN_ROWS: usize = 1000;
 
 /// How long the final acks may take once every handler is done, when Redis is slow or
 /// down; after that, the unacked entries stay pending and are handled again later.
@@ -69,6 +72,13 @@ enum Executor {
 }
 
 impl Shared {
+    fn is_in_flight(&self, id: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
     async fn run_handler(&self, invocation: &Invocation<'_>, stdin: bytes::Bytes) -> Report {
         match &self.executor {
             Executor::Exec(cmd) => handler::run(cmd, invocation, stdin, &self.abort).await,
@@ -112,6 +122,8 @@ pub struct StreamLoop {
     reader: StreamCommands,
     retry_rx: mpsc::UnboundedReceiver<Retry>,
     acker_task: JoinHandle<()>,
+    /// Reconnects of the reader's connection (see [`StreamLoop::recover_lost`]).
+    reconnects: broadcast::Receiver<fred::types::config::Server>,
 }
 
 impl StreamLoop {
@@ -126,6 +138,7 @@ impl StreamLoop {
     ) -> Self {
         let cmds = StreamCommands::new(commands, &cfg.name, &cfg.group, consumer);
         let reader = StreamCommands::new(reader, &cfg.name, &cfg.group, consumer);
+        let reconnects = reader.reconnects();
         let (acker, acker_task) = Acker::spawn(cmds.clone());
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let handler = HandlerCommand {
@@ -164,6 +177,7 @@ impl StreamLoop {
             reader,
             retry_rx,
             acker_task,
+            reconnects,
         }
     }
 
@@ -213,6 +227,9 @@ impl StreamLoop {
         claim_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut claim_cursor: Option<String> = None;
         let mut error_delay = Duration::from_millis(100);
+        // Set when the reader's connection was lost: a read's reply may have been lost
+        // with it, after Redis delivered the entries to us.
+        let mut lost_scan = false;
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(self.shared.clone(), heartbeat_stop.clone()));
 
@@ -244,10 +261,18 @@ impl StreamLoop {
             }
 
             self.start_due_retries(&mut retries, &mut permits, &mut tasks);
+            lost_scan |= self.reconnected();
+            if lost_scan && backlog_cursor.is_none() && !permits.is_empty() {
+                lost_scan = self
+                    .recover_lost(&mut retries, &mut permits, &mut tasks)
+                    .await;
+            }
             if backlog_cursor.is_none()
                 && let Some(cursor) = claim_cursor.take()
             {
-                claim_cursor = self.claim_round(&cursor, &mut permits, &mut tasks).await;
+                claim_cursor = self
+                    .claim_round(&mut retries, &cursor, &mut permits, &mut tasks)
+                    .await;
             }
             if permits.is_empty() {
                 continue;
@@ -293,6 +318,7 @@ impl StreamLoop {
                     entries
                 }
                 Err(error) => {
+                    lost_scan = true;
                     self.read_failed(error, &mut error_delay, &shutdown).await;
                     continue;
                 }
@@ -327,11 +353,81 @@ impl StreamLoop {
         self.drain(tasks, heartbeat, heartbeat_stop).await;
     }
 
+    /// Whether the reader reconnected since the last call.
+    fn reconnected(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            match self.reconnects.try_recv() {
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => any = true,
+                Err(_) => return any,
+            }
+        }
+    }
+
+    /// After the reader's connection was lost, a read whose reply never arrived may have
+    /// delivered entries to us: they are in our pending list, but the loop never saw
+    /// them. Waiting for `claim_idle` would delay them and cost them an attempt, so they
+    /// are picked up here: every pending entry of ours that is not running, waiting for a
+    /// retry or being acked is taken as it is (XCLAIM JUSTID, so the lost delivery counts
+    /// as this attempt) and its fields read with XRANGE. Returns whether to scan again.
+    async fn recover_lost(
+        &mut self,
+        retries: &mut RetryQueue,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        tasks: &mut JoinSet<()>,
+    ) -> bool {
+        let cmds = &self.shared.cmds;
+        let stream = &self.shared.cfg.name;
+        let rows = match cmds.my_pending("-", "+", LOST_SCAN_ROWS).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::debug!(%stream, %error, "cannot scan own pending entries yet");
+                return true;
+            }
+        };
+        for row in rows {
+            if permits.is_empty() {
+                return true;
+            }
+            // Order matters: an entry task queues its ack or its retry before it leaves
+            // the in-flight set, so once it is seen out of flight, both are visible.
+            if self.shared.is_in_flight(&row.id) {
+                continue;
+            }
+            while let Ok(retry) = self.retry_rx.try_recv() {
+                retries.push(retry);
+            }
+            if retries.contains(&row.id) || self.shared.acker.is_settling(&row.id) {
+                continue;
+            }
+            let taken = cmds
+                .reclaim_quietly(&row.id, Duration::from_millis(row.idle_ms))
+                .await;
+            let entry = match taken {
+                Ok(true) => cmds.entry(&row.id).await,
+                Ok(false) => continue,
+                Err(error) => Err(error),
+            };
+            match entry {
+                Ok(entry) => {
+                    tracing::info!(%stream, id = %entry.id, "recovered an entry whose delivery was lost with the connection");
+                    self.spawn_attempt(entry, row.deliveries.max(1), permits, tasks);
+                }
+                Err(error) => {
+                    tracing::debug!(%stream, %error, "recovering own pending entries failed; trying again");
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// One XAUTOCLAIM page of at most one entry per free slot. Returns the cursor to
     /// continue from on the next round, or `None` when the scan of the pending list is
     /// complete (the next `claim_interval` tick starts a new one).
     async fn claim_round(
-        &self,
+        &mut self,
+        retries: &mut RetryQueue,
         cursor: &str,
         permits: &mut Vec<OwnedSemaphorePermit>,
         tasks: &mut JoinSet<()>,
@@ -364,7 +460,16 @@ impl StreamLoop {
                 return None;
             }
         };
+        while let Ok(retry) = self.retry_rx.try_recv() {
+            retries.push(retry);
+        }
         for entry in claim.entries {
+            // XAUTOCLAIM does not look at the owner: it can return our own entries that
+            // are waiting for a retry or for their ack. Those are handled already.
+            if retries.contains(&entry.id) || self.shared.acker.is_settling(&entry.id) {
+                tracing::debug!(stream = %cfg.name, id = %entry.id, "claimed our own settled or retrying entry; leaving it be");
+                continue;
+            }
             tracing::info!(stream = %cfg.name, id = %entry.id, "claimed an entry idle for over claim_idle");
             let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
             self.spawn_attempt(entry, attempt, permits, tasks);
@@ -549,6 +654,10 @@ impl RetryQueue {
         self.heap.push(Reverse(retry));
     }
 
+    fn contains(&self, id: &str) -> bool {
+        self.due.contains_key(id)
+    }
+
     fn next_due(&mut self) -> Option<Instant> {
         self.drop_stale();
         self.heap.peek().map(|Reverse(r)| r.due)
@@ -574,7 +683,7 @@ impl RetryQueue {
     }
 }
 
-/// Keeps the entries of running handlers fresh (idle time reset) every `claim_idle / 3`,
+/// Keeps the entries of running handlers (and of unconfirmed acks) fresh (idle time reset) every `claim_idle / 3`,
 /// so other consumers' XAUTOCLAIM never takes an entry whose handler is healthy.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let period = shared.cfg.claim_idle / 3;
@@ -584,10 +693,13 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let ids: Vec<String> = {
+        // Entries whose ack is not confirmed yet (Redis was away) are ours too: kept fresh,
+        // nobody's XAUTOCLAIM runs them again before the ack lands.
+        let mut ids: Vec<String> = {
             let set = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             set.iter().cloned().collect()
         };
+        ids.extend(shared.acker.unconfirmed());
         if ids.is_empty() {
             continue;
         }

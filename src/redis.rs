@@ -86,8 +86,9 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
         RedisError::Url(format!("{} ({:?})", cfg.redacted_url(), e.kind()))
     })?;
     let started = Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut next_delay = Duration::from_millis(100);
     loop {
+        let delay = next_delay;
         let client = Builder::from_config(fred_config.clone())
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()?;
@@ -98,17 +99,18 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
         match attempt {
             Ok(_handle) => return Ok(client),
             Err(e) => {
-                // fred may keep a connection task around after a failed init; end it.
-                let _ = client.quit().await;
                 let waited = started.elapsed();
-                if let Some(limit) = cfg.connect_timeout
-                    && waited >= limit
-                {
+                // Never sleep past connect_timeout: the last wait is cut to what is left.
+                let left = cfg
+                    .connect_timeout
+                    .map(|limit| limit.saturating_sub(waited));
+                if left.is_some_and(|left| left.is_zero()) {
                     return Err(RedisError::ConnectTimeout {
                         waited,
                         last: e.to_string(),
                     });
                 }
+                let delay = left.map_or(delay, |left| delay.min(left));
                 tracing::warn!(
                     redis = %cfg.redacted_url(),
                     error = %e,
@@ -119,7 +121,7 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => return Err(RedisError::Stopped),
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
+                next_delay = (next_delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -214,6 +216,44 @@ impl StreamCommands {
         {
             tracing::trace!(%error, "CLIENT UNBLOCK");
         }
+    }
+
+    /// Hears about every reconnect of this client's connection.
+    pub fn reconnects(&self) -> tokio::sync::broadcast::Receiver<fred::types::config::Server> {
+        self.client.reconnect_rx()
+    }
+
+    /// Confirms `id` is still ours by claiming it to ourselves with JUSTID (delivery
+    /// counter untouched, idle time reset), only if it has been idle at least `min_idle`:
+    /// a claim by anyone else since then makes this a no-op. Returns whether it is ours.
+    pub async fn reclaim_quietly(&self, id: &str, min_idle: Duration) -> Result<bool, RedisError> {
+        let reply: Value = self
+            .client
+            .xclaim(
+                &self.stream,
+                &self.group,
+                &self.consumer,
+                min_idle.as_millis() as u64,
+                id,
+                None,
+                None,
+                None,
+                false,
+                true,
+            )
+            .await?;
+        Ok(matches!(reply, Value::Array(ids) if !ids.is_empty()))
+    }
+
+    /// The entry `id` read with XRANGE (no effect on the pending list). `fields` is
+    /// `None` when it was deleted from the stream.
+    pub async fn entry(&self, id: &str) -> Result<Entry, RedisError> {
+        let reply: Value = self.client.xrange(&self.stream, id, id, Some(1)).await?;
+        let found = parse_entries(reply, "XRANGE")?.into_iter().next();
+        Ok(found.unwrap_or_else(|| Entry {
+            id: id.to_owned(),
+            fields: None,
+        }))
     }
 
     /// Closes this client's connection (bounded: Redis may be down).

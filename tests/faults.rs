@@ -237,7 +237,9 @@ async fn redis_restart_mid_run_of_1000_entries_loses_nothing() {
         "work.sh",
         "cat > /dev/null\necho \"$REDIS_STREAMD_ID\" >> \"$D/done\"",
     );
-    let streams = fast_stream("jobs", "g", &script, "start_id = \"0\"");
+    // max_attempts = 1: an entry whose delivery was lost with the connection must still
+    // get its one run (the lost delivery counts as that attempt), not go to the DLQ.
+    let streams = fast_stream("jobs", "g", &script, "start_id = \"0\"\nmax_attempts = 1");
     let c = TestClient::connect(&redis.url()).await;
     let ids = push_n(&c, "jobs", 1000).await;
 
@@ -276,6 +278,11 @@ async fn redis_restart_mid_run_of_1000_entries_loses_nothing() {
         "after restart: {} handler runs for 1000 entries, {} dead-lettered",
         read_lines(&done).len(),
         dlq.len()
+    );
+    assert!(
+        dlq.is_empty(),
+        "entries dead-lettered although their handler never failed: {dlq:?}\n{}",
+        d.log_tail()
     );
     d.assert_running();
 
