@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::metrics::StreamMetrics;
 use crate::redis::StreamCommands;
 
 /// Largest number of ids in one XACK.
@@ -38,10 +39,10 @@ impl Unconfirmed {
 impl Acker {
     /// Starts the ack task for `cmds`' stream and group. The task ends when every `Acker`
     /// clone is dropped and all ids are acknowledged.
-    pub fn spawn(cmds: StreamCommands) -> (Acker, JoinHandle<()>) {
+    pub fn spawn(cmds: StreamCommands, metrics: StreamMetrics) -> (Acker, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let unconfirmed = Unconfirmed::default();
-        let task = tokio::spawn(ack_loop(cmds, rx, unconfirmed.clone()));
+        let task = tokio::spawn(ack_loop(cmds, rx, unconfirmed.clone(), metrics));
         (Acker { tx, unconfirmed }, task)
     }
 
@@ -68,6 +69,7 @@ async fn ack_loop(
     cmds: StreamCommands,
     mut rx: mpsc::UnboundedReceiver<String>,
     unconfirmed: Unconfirmed,
+    metrics: StreamMetrics,
 ) {
     let mut batch: Vec<String> = Vec::with_capacity(MAX_BATCH);
     while let Some(id) = rx.recv().await {
@@ -83,6 +85,7 @@ async fn ack_loop(
             match cmds.ack(&batch).await {
                 Ok(_) => {
                     tracing::debug!(stream = %cmds.stream, count = batch.len(), "acked");
+                    metrics.acked(batch.len() as u64);
                     let mut set = unconfirmed.set();
                     for id in batch.drain(..) {
                         set.remove(&id);

@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub consumer: String,
     /// `shutdown_timeout`: how long SIGTERM waits for running handlers. Default 30s.
     pub shutdown_timeout: Duration,
+    /// `metrics_listen`: address of the HTTP listener for `/metrics`, `/healthz` and
+    /// `/readyz`. Default: none (off).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `payload` of a `[[streams]]` table.
@@ -235,6 +238,7 @@ struct RawRedis {
 struct RawDaemon {
     consumer: Option<String>,
     shutdown_timeout: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 /// Integers are read as `i64` so that 0 and negative values get our own message.
@@ -422,6 +426,17 @@ impl Ctx<'_> {
                 raw.shutdown_timeout,
                 DEFAULT_SHUTDOWN_TIMEOUT,
             )?,
+            metrics_listen: match raw.metrics_listen {
+                None => None,
+                Some(text) => Some(text.parse().map_err(|_| {
+                    self.invalid(
+                        &key.key("metrics_listen"),
+                        format!(
+                            "must be an IP address and port like \"127.0.0.1:9187\", got {text:?}"
+                        ),
+                    )
+                })?),
+            },
         })
     }
 
@@ -1166,6 +1181,7 @@ connect_timeout = "10s"
 [daemon]
 consumer = "worker-a"
 shutdown_timeout = "45s"
+metrics_listen = "127.0.0.1:9187"
 
 [[streams]]
 name = "orders"
@@ -1193,6 +1209,7 @@ reap_idle = "2h"
         assert_eq!(c.redis.connect_timeout, Some(Duration::from_secs(10)));
         assert_eq!(c.daemon.consumer, "worker-a");
         assert_eq!(c.daemon.shutdown_timeout, Duration::from_secs(45));
+        assert_eq!(c.daemon.metrics_listen, Some(([127, 0, 0, 1], 9187).into()));
         let expected = StreamConfig {
             name: "orders".into(),
             group: "order-workers".into(),
@@ -1218,6 +1235,15 @@ reap_idle = "2h"
             reap_idle: Duration::from_secs(7200),
         };
         assert_eq!(c.streams, vec![expected]);
+    }
+
+    #[test]
+    fn metrics_listen_must_be_a_socket_address() {
+        assert_eq!(ok(MINIMAL).daemon.metrics_listen, None);
+        let text = format!("{MINIMAL}\n[daemon]\nmetrics_listen = \"localhost\"\n");
+        let (_, key, message) = invalid(&text);
+        assert_eq!(key, "daemon.metrics_listen");
+        assert!(message.contains("127.0.0.1:9187"), "{message}");
     }
 
     #[test]

@@ -28,6 +28,8 @@ use crate::ack::Acker;
 use crate::config::{HandlerMode, StreamConfig};
 use crate::dlq::{self, Failure};
 use crate::handler::{self, HandlerCommand, Invocation, Outcome, Report};
+use crate::metrics::{Health, StreamMetrics};
+use crate::notify::Liveness;
 use crate::payload;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::shutdown::Shutdown;
@@ -43,6 +45,22 @@ const LOST_SCAN_ROWS: usize = 1000;
 /// down; after that, the unacked entries stay pending and are handled again later.
 const FINAL_FLUSH: Duration = Duration::from_secs(10);
 
+/// What a loop reports to: metrics, `/readyz`, and the systemd watchdog.
+pub struct LoopHooks {
+    pub metrics: StreamMetrics,
+    pub health: Arc<Health>,
+    pub liveness: Arc<Liveness>,
+    /// Sample the group's lag and pending count for the metrics (only worth the
+    /// `XINFO GROUPS` calls when someone can scrape them).
+    pub sample_group: bool,
+}
+
+/// How often lag and pending count are sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often a waiting loop proves to the watchdog that it is alive.
+const BEAT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A failed entry waiting for its next attempt.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Retry {
@@ -54,6 +72,7 @@ struct Retry {
 struct Shared {
     cfg: StreamConfig,
     executor: Executor,
+    metrics: StreamMetrics,
     cmds: StreamCommands,
     acker: Acker,
     retry_tx: mpsc::UnboundedSender<Retry>,
@@ -80,9 +99,21 @@ impl Shared {
     }
 
     async fn run_handler(&self, invocation: &Invocation<'_>, stdin: bytes::Bytes) -> Report {
-        match &self.executor {
+        self.metrics.in_flight_inc();
+        let report = match &self.executor {
             Executor::Exec(cmd) => handler::run(cmd, invocation, stdin, &self.abort).await,
             Executor::Worker(pool) => pool.run(invocation, stdin, &self.abort).await,
+        };
+        self.metrics.in_flight_dec();
+        if report.outcome != Outcome::Aborted {
+            self.metrics.handler_duration(report.elapsed);
+        }
+        report
+    }
+
+    async fn dead_letter(&self, entry: &Entry, failure: &Failure) {
+        if dlq::dead_letter(&self.cmds, &self.cfg.dlq, entry, failure, &self.abort).await {
+            self.metrics.dead_lettered();
         }
     }
 }
@@ -124,6 +155,9 @@ pub struct StreamLoop {
     acker_task: JoinHandle<()>,
     /// Reconnects of the reader's connection (see [`StreamLoop::recover_lost`]).
     reconnects: broadcast::Receiver<fred::types::config::Server>,
+    health: Arc<Health>,
+    liveness: Arc<Liveness>,
+    sample_group: bool,
 }
 
 impl StreamLoop {
@@ -135,11 +169,12 @@ impl StreamLoop {
         commands: fred::prelude::Client,
         reader: fred::prelude::Client,
         shutdown: &Shutdown,
+        hooks: LoopHooks,
     ) -> Self {
         let cmds = StreamCommands::new(commands, &cfg.name, &cfg.group, consumer);
         let reader = StreamCommands::new(reader, &cfg.name, &cfg.group, consumer);
         let reconnects = reader.reconnects();
-        let (acker, acker_task) = Acker::spawn(cmds.clone());
+        let (acker, acker_task) = Acker::spawn(cmds.clone(), hooks.metrics.clone());
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let handler = HandlerCommand {
             argv: cfg.handler.clone(),
@@ -166,6 +201,7 @@ impl StreamLoop {
         let shared = Arc::new(Shared {
             cfg,
             executor,
+            metrics: hooks.metrics,
             cmds,
             acker,
             retry_tx,
@@ -178,6 +214,9 @@ impl StreamLoop {
             retry_rx,
             acker_task,
             reconnects,
+            health: hooks.health,
+            liveness: hooks.liveness,
+            sample_group: hooks.sample_group,
         }
     }
 
@@ -232,11 +271,19 @@ impl StreamLoop {
         let mut lost_scan = false;
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(self.shared.clone(), heartbeat_stop.clone()));
+        if self.sample_group {
+            tokio::spawn(sample_group(self.shared.clone(), heartbeat_stop.clone()));
+        }
+        let alive = self.liveness.register(cfg.name.clone());
+        let mut beats = tokio::time::interval(BEAT_INTERVAL);
+        self.health.loop_started();
 
         loop {
+            alive.beat();
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.stopping() => break,
+                _ = beats.tick() => continue,
                 Some(retry) = self.retry_rx.recv() => {
                     retries.push(retry);
                     continue;
@@ -305,6 +352,7 @@ impl StreamLoop {
                     Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                         log_task_end(&self.shared.cfg.name, done);
                     }
+                    _ = beats.tick() => alive.beat(),
                     _ = sleep_until_some(wake_at) => {
                         wake_at = None;
                         self.reader.unblock().await;
@@ -350,6 +398,9 @@ impl StreamLoop {
             }
         }
 
+        // No longer reading: not ready, and a long drain is no hang for the watchdog.
+        self.health.loop_stopped();
+        drop(alive);
         self.drain(tasks, heartbeat, heartbeat_stop).await;
     }
 
@@ -629,6 +680,7 @@ impl StreamLoop {
             tracing::warn!(stream = %self.shared.cfg.name, id = %entry.id, "read returned more entries than requested; leaving it pending");
             return;
         };
+        self.shared.metrics.read(1);
         tasks.spawn(attempt_entry(
             self.shared.clone(),
             entry,
@@ -705,6 +757,31 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         }
         if let Err(error) = shared.cmds.touch(ids).await {
             tracing::warn!(stream = %shared.cfg.name, %error, "cannot refresh running entries (XCLAIM JUSTID)");
+        }
+    }
+}
+
+/// Samples the group's pending count and lag into the metrics until `stop`.
+async fn sample_group(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(SAMPLE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match shared.cmds.group_stats().await {
+            Ok(Some((pending, lag))) => {
+                shared
+                    .metrics
+                    .set_pending(i64::try_from(pending).unwrap_or(i64::MAX));
+                // Unknown lag (Redis cannot tell after some trims) is exported as -1.
+                shared
+                    .metrics
+                    .set_lag(lag.and_then(|l| i64::try_from(l).ok()).unwrap_or(-1));
+            }
+            Ok(None) => {}
+            Err(error) => tracing::debug!(stream = %shared.cfg.name, %error, "XINFO GROUPS failed"),
         }
     }
 }
@@ -818,7 +895,7 @@ async fn attempt_entry(
             attempts: attempt - 1,
             stderr: Vec::new(),
         };
-        dlq::dead_letter(cmds, &cfg.dlq, &entry, &failure, &shared.abort).await;
+        shared.dead_letter(&entry, &failure).await;
         return;
     }
     let stdin = match payload::stdin_for(cfg.payload, &cfg.payload_field, &cfg.name, &entry) {
@@ -829,7 +906,7 @@ async fn attempt_entry(
                 attempts: 0,
                 stderr: Vec::new(),
             };
-            dlq::dead_letter(cmds, &cfg.dlq, &entry, &failure, &shared.abort).await;
+            shared.dead_letter(&entry, &failure).await;
             return;
         }
     };
@@ -848,18 +925,19 @@ async fn attempt_entry(
     let elapsed_ms = report.elapsed.as_millis() as u64;
     let final_failure = match &report.outcome {
         Outcome::Success => {
-            tracing::info!(stream = %cfg.name, id = %entry.id, attempt, elapsed_ms, "handled");
+            tracing::info!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, "handled");
             shared.acker.ack(entry.id);
             return;
         }
         Outcome::Aborted => {
-            tracing::warn!(stream = %cfg.name, id = %entry.id, attempt, "handler terminated by shutdown; entry stays pending");
+            tracing::warn!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, "handler terminated by shutdown; entry stays pending");
             return;
         }
         Outcome::Exited(code) if cfg.dlq_exit_codes.contains(code) => true,
         Outcome::Rejected(_) => true,
         _ => attempt >= cfg.max_attempts,
     };
+    shared.metrics.failed_attempt();
     let reason = report.outcome.reason();
     if final_failure {
         let failure = Failure {
@@ -867,10 +945,11 @@ async fn attempt_entry(
             attempts: attempt,
             stderr: report.stderr_tail,
         };
-        dlq::dead_letter(cmds, &cfg.dlq, &entry, &failure, &shared.abort).await;
+        shared.dead_letter(&entry, &failure).await;
     } else {
         let delay = backoff(cfg, attempt);
-        tracing::warn!(stream = %cfg.name, id = %entry.id, attempt, elapsed_ms, %reason, retry_in = ?delay, "attempt failed");
+        tracing::warn!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, %reason, retry_in = ?delay, "attempt failed");
+        shared.metrics.retry();
         let _ = shared.retry_tx.send(Retry {
             due: Instant::now() + delay,
             id: entry.id,

@@ -6,12 +6,18 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use fred::prelude::{Client, ClientLike};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, REDIS_URL_ENV, StreamConfig};
-use crate::consumer::StreamLoop;
+use crate::consumer::{LoopHooks, StreamLoop};
+use crate::metrics::{self, Health, Metrics};
+use crate::notify::{self, Liveness};
 use crate::redis::{self, RedisError};
 use crate::shutdown::Shutdown;
 
@@ -23,6 +29,11 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum DaemonError {
     #[error(transparent)]
     Redis(#[from] RedisError),
+    #[error("cannot listen on metrics_listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A stream is identified by its key and group: the pair config validation keeps unique.
@@ -43,6 +54,9 @@ struct Daemon {
     config: Config,
     commands: Client,
     shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    liveness: Arc<Liveness>,
     loops: HashMap<StreamKey, Running>,
     /// Loops of removed streams, still finishing their handlers.
     retiring: JoinSet<()>,
@@ -62,17 +76,51 @@ pub async fn run(
         streams = config.streams.len(),
         "starting"
     );
+    let metrics = Metrics::new();
+    let health = Health::new(config.streams.len());
+    let liveness = Liveness::new();
+    // Ends the side services (metrics endpoint, watchdog) at exit, not at the start of
+    // shutdown: /healthz and the watchdog stay useful while handlers drain.
+    let exiting = CancellationToken::new();
+    let _exit_guard = exiting.clone().drop_guard();
+    if let Some(addr) = config.daemon.metrics_listen {
+        // Bound before connecting to Redis: a port clash is a start-up error, at once.
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            exiting.clone(),
+        ));
+    }
+    notify::spawn_watchdog(liveness.clone(), exiting.clone());
+
     let commands = match redis::connect(&config.redis, shutdown.stop_token()).await {
         Ok(client) => client,
         Err(RedisError::Stopped) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    redis::log_connection_events(&commands, "commands");
+    health.set_redis_connected(true);
+    redis::watch_connection(&commands, "commands", {
+        let (health, metrics) = (health.clone(), metrics.clone());
+        move |connected| {
+            health.set_redis_connected(connected);
+            if connected {
+                metrics.redis_reconnect();
+            }
+        }
+    });
 
     let mut daemon = Daemon {
         config,
         commands,
         shutdown,
+        metrics,
+        health,
+        liveness,
         loops: HashMap::new(),
         retiring: JoinSet::new(),
     };
@@ -100,6 +148,8 @@ pub async fn run(
     }
     if !daemon.shutdown.is_stopping() {
         tracing::info!(streams = daemon.loops.len(), "ready");
+        notify::ready().await;
+        notify::status(&format!("consuming {} streams", daemon.loops.len())).await;
     }
 
     loop {
@@ -108,6 +158,8 @@ pub async fn run(
             Some(()) = reloads.recv() => daemon.reload().await,
         }
     }
+    notify::stopping().await;
+    notify::status("stopping: waiting for running handlers").await;
     daemon.wait_all().await;
     if tokio::time::timeout(QUIT_TIMEOUT, daemon.commands.quit())
         .await
@@ -132,6 +184,13 @@ impl Daemon {
         let redis_cfg = self.config.redis.clone();
         let consumer = self.config.daemon.consumer.clone();
         let commands = self.commands.clone();
+        let hooks = LoopHooks {
+            metrics: self.metrics.stream(&cfg.name, &cfg.group),
+            health: self.health.clone(),
+            liveness: self.liveness.clone(),
+            sample_group: self.config.daemon.metrics_listen.is_some(),
+        };
+        let reconnects = self.metrics.clone();
         let task_cfg = cfg.clone();
         let task_stop = stop.clone();
         let handle = tokio::spawn(async move {
@@ -149,8 +208,13 @@ impl Daemon {
                 Err(RedisError::Stopped) => return report(Ok(())),
                 Err(error) => return report(Err(error)),
             };
-            redis::log_connection_events(&reader, "reader");
-            let stream_loop = StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop);
+            redis::watch_connection(&reader, "reader", move |connected| {
+                if connected {
+                    reconnects.redis_reconnect();
+                }
+            });
+            let stream_loop =
+                StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop, hooks);
             match stream_loop.prepare(&task_stop).await {
                 Ok(()) | Err(RedisError::Stopped) => report(Ok(())),
                 Err(error) => return report(Err(error)),
@@ -233,6 +297,7 @@ impl Daemon {
                 let _ = running.handle.await;
             });
         }
+        self.health.set_loops_expected(new.streams.len());
         self.config.streams = new.streams;
         tracing::info!(started, restarted, stopped, unchanged, "config reloaded");
     }

@@ -65,8 +65,9 @@ pub async fn dead_letter(
             Ok(()) => {
                 tracing::warn!(
                     stream = %cmds.stream,
+                    group = %cmds.group,
                     id = %entry.id,
-                    attempts = failure.attempts,
+                    attempt = failure.attempts,
                     reason = %failure.reason,
                     dlq,
                     "entry moved to the dead-letter stream"

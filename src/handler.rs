@@ -187,8 +187,9 @@ pub async fn run(
         .env("REDIS_STREAMD_ATTEMPT", inv.attempt.to_string());
 
     let started = Instant::now();
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    // Registered so the orphan reaper (PID 1 / subreaper) never takes this child's status.
+    let (mut child, registration) = match crate::reaper::own_children().spawn(&mut command) {
+        Ok(spawned) => spawned,
         Err(err) => {
             tracing::debug!(
                 stream = inv.stream,
@@ -277,6 +278,8 @@ pub async fn run(
             }
         };
         let elapsed = started.elapsed();
+        // Waited for (or the wait failed): the pid is no longer ours to protect.
+        drop(registration);
 
         // The handler is gone (reaped): its group does not outlive it.
         signal_group(pgid, Signal::SIGKILL);

@@ -11,6 +11,10 @@
 //! - [`ack`] and [`dlq`]: settling entries in Redis.
 //! - [`redis`]: fred clients and stream command replies.
 //! - [`shutdown`] and [`signals`]: the two-stage stop.
+//! - [`worker`]: long-lived handler processes (`mode = "worker"`).
+//! - [`metrics`]: Prometheus metrics and the health endpoints.
+//! - [`notify`]: systemd readiness, status and watchdog.
+//! - [`reaper`]: reaping orphaned grandchildren (child subreaper, PID 1 in containers).
 //! - [`logging`]: text or JSON log lines.
 
 pub mod ack;
@@ -20,7 +24,10 @@ pub mod daemon;
 pub mod dlq;
 pub mod handler;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
 pub mod payload;
+pub mod reaper;
 pub mod redis;
 pub mod shutdown;
 pub mod signals;

@@ -10,7 +10,8 @@ use redis_streamd::daemon::{self, DaemonError};
 use redis_streamd::logging::{self, LogFormat};
 use redis_streamd::redis::RedisError;
 use redis_streamd::shutdown::Shutdown;
-use redis_streamd::signals;
+use redis_streamd::{reaper, signals};
+use tokio_util::sync::CancellationToken;
 
 /// sysexits.h: a configuration error. systemd units use it with RestartPreventExitStatus.
 const EX_CONFIG: u8 = 78;
@@ -86,10 +87,24 @@ fn main() -> ExitCode {
             tracing::error!(%error, "cannot install signal handlers");
             return ExitCode::from(EX_SOFTWARE);
         }
-        match daemon::run(config, shutdown, reload_rx).await {
+        // Orphans of handlers (double forks) become ours and are reaped, so a container
+        // with the daemon as PID 1 does not fill up with zombies.
+        if let Err(error) = reaper::become_subreaper() {
+            tracing::warn!(%error, "cannot become a child subreaper; orphaned handler descendants go to init");
+        }
+        let reaper_stop = CancellationToken::new();
+        let reaper_task = reaper::spawn_reaper(reaper_stop.clone());
+        let result = daemon::run(config, shutdown, reload_rx).await;
+        reaper_stop.cancel();
+        let _ = reaper_task.await;
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(DaemonError::Redis(error @ RedisError::ConnectTimeout { .. })) => {
                 tracing::error!(%error, "giving up");
+                ExitCode::from(EX_UNAVAILABLE)
+            }
+            Err(error @ DaemonError::MetricsListen { .. }) => {
+                tracing::error!(%error, "cannot start");
                 ExitCode::from(EX_UNAVAILABLE)
             }
             Err(error) => {

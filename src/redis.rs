@@ -127,22 +127,34 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
     }
 }
 
-/// Logs connection loss and recovery of `client` until it is dropped.
-pub fn log_connection_events(client: &Client, role: &'static str) {
+/// Logs connection loss and recovery of `client` until it is dropped, and tells
+/// `on_change` (false: lost, true: connected again), e.g. for health and metrics.
+pub fn watch_connection(
+    client: &Client,
+    role: &'static str,
+    on_change: impl Fn(bool) + Send + 'static,
+) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut errors = client.error_rx();
     let mut reconnects = client.reconnect_rx();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 e = errors.recv() => match e {
-                    Ok((error, _)) => tracing::warn!(role, %error, "redis connection lost"),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => return,
+                    Ok((error, _)) => {
+                        tracing::warn!(role, %error, "redis connection lost");
+                        on_change(false);
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
                 },
                 r = reconnects.recv() => match r {
-                    Ok(_) => tracing::info!(role, "redis connection restored"),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => return,
+                    Ok(_) => {
+                        tracing::info!(role, "redis connection restored");
+                        on_change(true);
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
                 },
             }
         }
@@ -373,6 +385,29 @@ impl StreamCommands {
         parse_autoclaim_reply(reply)
     }
 
+    /// `(pending, lag)` of our group from `XINFO GROUPS`; lag is `None` when Redis cannot
+    /// tell (it may not after trims or deletions; Redis 6.2 has no lag at all).
+    pub async fn group_stats(&self) -> Result<Option<(u64, Option<u64>)>, RedisError> {
+        const CMD: &str = "XINFO GROUPS";
+        let reply: Value = self.client.xinfo_groups(&self.stream).await?;
+        for row in rows_of_pairs(reply, CMD)? {
+            let mut name = None;
+            let (mut pending, mut lag) = (0, None);
+            for (key, value) in row {
+                match key.as_str() {
+                    "name" => name = Some(text(value, CMD)?),
+                    "pending" => pending = integer(value, CMD)?,
+                    "lag" => lag = integer(value, CMD).ok(),
+                    _ => {}
+                }
+            }
+            if name.as_deref() == Some(self.group.as_str()) {
+                return Ok(Some((pending, lag)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Consumers of the group: (name, pending, idle_ms).
     pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>, RedisError> {
         let reply: Value = self
@@ -445,36 +480,17 @@ pub fn parse_autoclaim_reply(reply: Value) -> Result<AutoClaim, RedisError> {
     })
 }
 
-/// Parses `XINFO CONSUMERS`: a list of flat `[k, v, k, v...]` arrays (RESP2) or maps.
+/// Parses `XINFO CONSUMERS`.
 pub fn parse_consumers_reply(reply: Value) -> Result<Vec<ConsumerInfo>, RedisError> {
     const CMD: &str = "XINFO CONSUMERS";
-    let Value::Array(rows) = reply else {
-        return Err(unexpected(CMD, &reply));
-    };
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let pairs: Vec<(String, Value)> = match row {
-            Value::Array(flat) => {
-                let mut pairs = Vec::with_capacity(flat.len() / 2);
-                let mut iter = flat.into_iter();
-                while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
-                    pairs.push((text(k, CMD)?, v));
-                }
-                pairs
-            }
-            Value::Map(map) => map
-                .inner()
-                .into_iter()
-                .map(|(k, v)| (String::from_utf8_lossy(k.as_bytes()).into_owned(), v))
-                .collect(),
-            other => return Err(unexpected(CMD, &other)),
-        };
+    let mut out = Vec::new();
+    for row in rows_of_pairs(reply, CMD)? {
         let mut info = ConsumerInfo {
             name: String::new(),
             pending: 0,
             idle_ms: 0,
         };
-        for (key, value) in pairs {
+        for (key, value) in row {
             match key.as_str() {
                 "name" => info.name = text(value, CMD)?,
                 "pending" => info.pending = integer(value, CMD)?,
@@ -485,6 +501,35 @@ pub fn parse_consumers_reply(reply: Value) -> Result<Vec<ConsumerInfo>, RedisErr
         out.push(info);
     }
     Ok(out)
+}
+
+/// The `XINFO` reply shape: a list of rows, each a flat `[k, v, k, v...]` array (RESP2)
+/// or a map, as (key, value) pairs.
+fn rows_of_pairs(
+    reply: Value,
+    command: &'static str,
+) -> Result<Vec<Vec<(String, Value)>>, RedisError> {
+    let Value::Array(rows) = reply else {
+        return Err(unexpected(command, &reply));
+    };
+    rows.into_iter()
+        .map(|row| match row {
+            Value::Array(flat) => {
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
+                let mut iter = flat.into_iter();
+                while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                    pairs.push((text(k, command)?, v));
+                }
+                Ok(pairs)
+            }
+            Value::Map(map) => Ok(map
+                .inner()
+                .into_iter()
+                .map(|(k, v)| (String::from_utf8_lossy(k.as_bytes()).into_owned(), v))
+                .collect()),
+            other => Err(unexpected(command, &other)),
+        })
+        .collect()
 }
 
 /// Parses an `XREADGROUP` reply: `[[key, [[id, [f, v, ...]], ...]]]` (RESP2) or a map of

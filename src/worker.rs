@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{self, HandlerCommand, Invocation, LineSplitter, Outcome, Report, StderrTail};
+use crate::reaper::{self, OwnChild};
 
 /// Longest reply line accepted, newline included.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -76,6 +77,8 @@ struct Slot {
 
 struct Worker {
     child: Child,
+    /// Keeps the orphan reaper away from this child until it has been waited for.
+    registration: OwnChild<'static>,
     pgid: Option<Pid>,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -176,7 +179,7 @@ impl WorkerPool {
         command
             .env("REDIS_STREAMD_WORKER", index.to_string())
             .env("REDIS_STREAMD_PROTOCOL", "1");
-        let mut child = command.spawn()?;
+        let (mut child, registration) = reaper::own_children().spawn(&mut command)?;
         let pgid = child
             .id()
             .and_then(|pid| i32::try_from(pid).ok())
@@ -199,6 +202,7 @@ impl WorkerPool {
         tracing::info!(stream = %self.who.stream, worker = index, pid = pgid.map(Pid::as_raw), "worker started");
         Ok(Worker {
             child,
+            registration,
             pgid,
             stdin,
             stdout: BufReader::new(stdout),
@@ -375,6 +379,7 @@ impl Worker {
                 self.child.wait().await.ok()
             }
         };
+        drop(self.registration);
         // Whatever it left in its group goes with it.
         handler::signal_group(self.pgid, Signal::SIGKILL);
         if tokio::time::timeout(Duration::from_millis(200), &mut self.stderr_task)
