@@ -581,6 +581,7 @@ impl StderrTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support;
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
@@ -920,37 +921,21 @@ mod tests {
         assert!(lines.iter().any(|l| l.starts_with("PATH=")), "{env}");
     }
 
-    /// Set in the environment of a test process started by [`run_test_in_child`].
-    const CHILD_MARKER: &str = "REDIS_STREAMD_TEST_CHILD";
-
     /// Runs the test `name` alone in a child test process (this test binary) with `envs` added
     /// to its environment: for tests that need process-wide state (environment variables,
     /// tracing callsite interest) that other tests running in parallel would disturb.
     async fn run_test_in_child(name: &str, envs: &[(&str, &str)]) {
-        let exe = std::env::current_exe().unwrap();
-        let mut child = tokio::process::Command::new(exe);
-        child
-            .args([name, "--exact", "--test-threads=1"])
-            .env(CHILD_MARKER, "1")
-            .envs(envs.iter().copied());
-        let out = tokio::time::timeout(RUN_DEADLINE, child.output())
+        let mut child = test_support::child_test(name, "1", &[]);
+        child.envs(envs.iter().copied());
+        let out = tokio::time::timeout(RUN_DEADLINE, tokio::process::Command::from(child).output())
             .await
             .expect("child test timed out")
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child test {name} failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            stdout.contains("1 passed"),
-            "child test {name} did not run:\n{stdout}"
-        );
+        test_support::assert_child_passed(name, &out);
     }
 
     fn in_child() -> bool {
-        std::env::var_os(CHILD_MARKER).is_some()
+        test_support::child_marker().is_some()
     }
 
     /// Runs `env_child_strips_systemd_vars` with the systemd variables set in its process
@@ -990,7 +975,8 @@ mod tests {
             );
         }
         assert!(
-            env.lines().any(|l| l == format!("{CHILD_MARKER}=1")),
+            env.lines()
+                .any(|l| l == format!("{}=1", test_support::CHILD_MARKER)),
             "{env}"
         );
     }

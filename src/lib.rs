@@ -31,4 +31,6 @@ pub mod reaper;
 pub mod redis;
 pub mod shutdown;
 pub mod signals;
+#[cfg(test)]
+mod test_support;
 pub mod worker;

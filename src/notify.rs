@@ -210,6 +210,7 @@ async fn watchdog(period: Duration, liveness: Arc<Liveness>, stop: CancellationT
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support;
     use std::os::unix::net::UnixDatagram;
 
     /// Moves `hb`'s last beat to `ago` before now.
@@ -245,42 +246,26 @@ mod tests {
         assert_eq!(liveness.stale(second), None);
     }
 
-    /// Set in the environment of the child test processes started below.
-    const CHILD_MARKER: &str = "REDIS_STREAMD_NOTIFY_TEST_CHILD";
-
     /// Runs test `name` alone in a child process (this test binary) with `envs` set. The
     /// notify functions read NOTIFY_SOCKET and WATCHDOG_USEC from the process environment,
     /// which a multi-threaded test must not change in its own process.
-    fn run_child(name: &str, envs: &[(&str, &str)]) -> std::process::Child {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args([name, "--exact", "--test-threads=1"])
-            .env(CHILD_MARKER, "1")
-            .env_remove("NOTIFY_SOCKET")
+    fn run_child(name: &'static str, envs: &[(&str, &str)]) -> (&'static str, std::process::Child) {
+        let mut cmd = test_support::child_test(name, "1", &[]);
+        cmd.env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .envs(envs.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        cmd.spawn().unwrap()
+        (name, cmd.spawn().unwrap())
     }
 
-    fn check_child(child: std::process::Child) {
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child test failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            stdout.contains("1 passed"),
-            "child test did not run:\n{stdout}"
-        );
+    fn check_child((name, child): (&str, std::process::Child)) {
+        test_support::assert_child_passed(name, &child.wait_with_output().unwrap());
     }
 
     fn in_child() -> bool {
-        std::env::var_os(CHILD_MARKER).is_some()
+        test_support::child_marker().is_some()
     }
 
     /// A real notify socket: READY, STATUS, watchdog pings only while the loop beats, and

@@ -283,6 +283,7 @@ fn parse_stat(stat: &[u8]) -> Option<(u8, i32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support;
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -315,31 +316,17 @@ mod tests {
         assert!(!own.contains(11));
     }
 
-    /// Set in the environment of the child test process started by
-    /// [`orphaned_grandchildren_are_reaped`].
-    const CHILD_MARKER: &str = "REDIS_STREAMD_REAPER_TEST_CHILD";
+    const SUBREAPER_CHILD: &str = "reaper::tests::subreaper_child";
 
     /// Becoming a subreaper changes the whole process (and orphans would pile up in the
     /// test runner), so the real test runs alone in a child process: this test binary.
     #[test]
     fn orphaned_grandchildren_are_reaped() {
-        let exe = std::env::current_exe().unwrap();
-        let name = "reaper::tests::subreaper_child";
-        let out = std::process::Command::new(exe)
-            .args([name, "--exact", "--test-threads=1", "--nocapture"])
-            .env(CHILD_MARKER, "1")
+        let out = test_support::child_test(SUBREAPER_CHILD, "1", &[])
+            .arg("--nocapture")
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child test failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            stdout.contains("1 passed"),
-            "child test did not run:\n{stdout}"
-        );
+        test_support::assert_child_passed(SUBREAPER_CHILD, &out);
     }
 
     /// The same test with the daemon as PID 1 of a new PID namespace, as in a container
@@ -347,9 +334,9 @@ mod tests {
     /// with a note where `unshare` is missing or not permitted.
     #[test]
     fn orphaned_grandchildren_are_reaped_as_pid_1() {
-        let unshare = ["--pid", "--fork", "--mount-proc"];
-        let usable = std::process::Command::new("unshare")
-            .args(unshare)
+        let unshare = ["unshare", "--pid", "--fork", "--mount-proc"];
+        let usable = std::process::Command::new(unshare[0])
+            .args(&unshare[1..])
             .arg("true")
             .output()
             .is_ok_and(|out| out.status.success());
@@ -357,28 +344,10 @@ mod tests {
             eprintln!("note: cannot create a PID namespace with unshare here; skipping");
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new("unshare")
-            .args(unshare)
-            .arg(exe)
-            .args([
-                "reaper::tests::subreaper_child",
-                "--exact",
-                "--test-threads=1",
-            ])
-            .env(CHILD_MARKER, "pid1")
+        let out = test_support::child_test(SUBREAPER_CHILD, "pid1", &unshare)
             .output()
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child test failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            stdout.contains("1 passed"),
-            "child test did not run:\n{stdout}"
-        );
+        test_support::assert_child_passed(SUBREAPER_CHILD, &out);
     }
 
     fn stat_of(pid: i32) -> Option<(u8, i32)> {
@@ -396,11 +365,11 @@ mod tests {
     /// Does its work only inside [`orphaned_grandchildren_are_reaped`]'s child process.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn subreaper_child() {
-        if std::env::var_os(CHILD_MARKER).is_none() {
+        let Some(marker) = test_support::child_marker() else {
             return;
-        }
+        };
         let me = i32::try_from(std::process::id()).unwrap();
-        if std::env::var_os(CHILD_MARKER).is_some_and(|m| m == "pid1") {
+        if marker == "pid1" {
             assert_eq!(me, 1, "not PID 1 of a new PID namespace");
         }
         become_subreaper().unwrap();

@@ -239,21 +239,7 @@ impl StreamCommands {
     /// counter untouched, idle time reset), only if it has been idle at least `min_idle`:
     /// a claim by anyone else since then makes this a no-op. Returns whether it is ours.
     pub async fn reclaim_quietly(&self, id: &str, min_idle: Duration) -> Result<bool, RedisError> {
-        let reply: Value = self
-            .client
-            .xclaim(
-                &self.stream,
-                &self.group,
-                &self.consumer,
-                min_idle.as_millis() as u64,
-                id,
-                None,
-                None,
-                None,
-                false,
-                true,
-            )
-            .await?;
+        let reply = self.xclaim(id, min_idle, true).await?;
         Ok(matches!(reply, Value::Array(ids) if !ids.is_empty()))
     }
 
@@ -318,45 +304,43 @@ impl StreamCommands {
     /// counter and returning its fields. `None` when the claim did not happen or the entry
     /// was deleted.
     pub async fn claim(&self, id: &str, min_idle: Duration) -> Result<Option<Entry>, RedisError> {
-        let reply: Value = self
+        let reply = self.xclaim(id, min_idle, false).await?;
+        Ok(parse_entries(reply, "XCLAIM")?
+            .into_iter()
+            .find(|e| e.fields.is_some()))
+    }
+
+    /// `XCLAIM key group <us> <min_idle> <ids...> [JUSTID]`: takes entries idle at least
+    /// `min_idle` to this consumer. Without JUSTID their delivery counters go up and the
+    /// entries come back; with it only their ids, counters untouched.
+    async fn xclaim(
+        &self,
+        ids: impl Into<fred::types::streams::MultipleIDs> + Send,
+        min_idle: Duration,
+        justid: bool,
+    ) -> Result<Value, RedisError> {
+        Ok(self
             .client
             .xclaim(
                 &self.stream,
                 &self.group,
                 &self.consumer,
                 min_idle.as_millis() as u64,
-                id,
+                ids,
                 None,
                 None,
                 None,
                 false,
-                false,
+                justid,
             )
-            .await?;
-        Ok(parse_entries(reply, "XCLAIM")?
-            .into_iter()
-            .find(|e| e.fields.is_some()))
+            .await?)
     }
 
     /// Resets the idle time of entries whose handlers are running here (`XCLAIM ... JUSTID`
     /// to ourselves), so other consumers' XAUTOCLAIM never takes a healthy entry. JUSTID
     /// leaves the delivery counter alone.
     pub async fn touch(&self, ids: Vec<String>) -> Result<(), RedisError> {
-        let _: Value = self
-            .client
-            .xclaim(
-                &self.stream,
-                &self.group,
-                &self.consumer,
-                0,
-                ids,
-                None,
-                None,
-                None,
-                false,
-                true,
-            )
-            .await?;
+        self.xclaim(ids, Duration::ZERO, true).await?;
         Ok(())
     }
 
