@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The longest duration any key accepts.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Environment variable whose value replaces `[redis] url`, so passwords can stay out of
 /// config files.
 pub const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
@@ -645,14 +648,20 @@ impl Ctx<'_> {
     }
 
     fn parse_duration(&self, key: &KeyPath, text: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(text).map_err(|e| {
+        let duration = humantime::parse_duration(text).map_err(|e| {
             self.invalid(
                 key,
                 format!(
                     "invalid duration {text:?}: {e} (write e.g. \"250ms\", \"5s\", \"2m\", \"1h\")"
                 ),
             )
-        })
+        })?;
+        // Deadlines are computed as now + duration; far beyond any real need, that sum
+        // would overflow the clock.
+        if duration > MAX_DURATION {
+            return Err(self.invalid(key, format!("{text:?} is too long (at most 10 years)")));
+        }
+        Ok(duration)
     }
 
     fn duration(
@@ -1244,6 +1253,20 @@ reap_idle = "2h"
         let (_, key, message) = invalid(&text);
         assert_eq!(key, "daemon.metrics_listen");
         assert!(message.contains("127.0.0.1:9187"), "{message}");
+    }
+
+    #[test]
+    fn absurdly_long_durations_are_rejected() {
+        assert_invalid(
+            &with("handler_timeout = \"500000000years\"\n"),
+            EXTRA,
+            "streams[0].handler_timeout",
+            "too long",
+        );
+        assert_eq!(
+            ok(&with("handler_timeout = \"9years\"\n")).streams[0].handler_timeout,
+            humantime::parse_duration("9years").unwrap()
+        );
     }
 
     #[test]
