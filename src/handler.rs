@@ -631,10 +631,10 @@ mod tests {
     async fn wait_for_file(path: &Path) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                if text.ends_with('\n') {
-                    return text;
-                }
+            if let Ok(text) = std::fs::read_to_string(path)
+                && text.ends_with('\n')
+            {
+                return text;
             }
             assert!(
                 Instant::now() < deadline,

@@ -541,7 +541,7 @@ fn parse_entries(reply: Value) -> Vec<Entry> {
             } else {
                 fields_value.into_array()
             };
-            assert!(flat.len() % 2 == 0, "odd field list in entry {id}");
+            assert!(flat.len().is_multiple_of(2), "odd field list in entry {id}");
             let fields = flat
                 .chunks(2)
                 .map(|kv| (value_bytes(&kv[0]), value_bytes(&kv[1])))
@@ -803,10 +803,10 @@ pub fn children_of(pid: u32) -> Vec<(i32, i32)> {
         let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if let Some(st) = proc_stat(p) {
-            if st.ppid == pid as i32 {
-                out.push((p, st.pgid));
-            }
+        if let Some(st) = proc_stat(p)
+            && st.ppid == pid as i32
+        {
+            out.push((p, st.pgid));
         }
     }
     out
