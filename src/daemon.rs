@@ -21,6 +21,9 @@ use crate::notify::{self, Liveness};
 use crate::redis::{self, RedisError};
 use crate::shutdown::Shutdown;
 
+/// How often the systemd status line (in-flight and settled counts) is refreshed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How long closing the shared connection may take.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -152,10 +155,14 @@ pub async fn run(
         notify::status(&format!("consuming {} streams", daemon.loops.len())).await;
     }
 
+    let mut status_ticks = tokio::time::interval(STATUS_INTERVAL);
     loop {
         tokio::select! {
             _ = daemon.shutdown.stopping() => break,
             Some(()) = reloads.recv() => daemon.reload().await,
+            _ = status_ticks.tick(), if notify::enabled() => {
+                notify::status(&daemon.metrics.status_line(daemon.loops.len())).await;
+            }
         }
     }
     notify::stopping().await;

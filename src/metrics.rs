@@ -18,7 +18,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,6 +87,7 @@ pub struct Metrics {
     group_lag: Family<StreamLabels, Gauge>,
     group_pending: Family<StreamLabels, Gauge>,
     redis_reconnects: Counter,
+    totals: Arc<Totals>,
 }
 
 impl Metrics {
@@ -169,6 +170,7 @@ impl Metrics {
             group_lag,
             group_pending,
             redis_reconnects,
+            totals: Arc::default(),
         })
     }
 
@@ -180,6 +182,7 @@ impl Metrics {
             group: group.to_owned(),
         };
         StreamMetrics {
+            totals: self.totals.clone(),
             read: self.entries_read.get_or_create_owned(&labels),
             acked: self.entries_acked.get_or_create_owned(&labels),
             failed_attempts: self.failed_attempts.get_or_create_owned(&labels),
@@ -190,6 +193,17 @@ impl Metrics {
             lag: self.group_lag.get_or_create_owned(&labels),
             pending: self.group_pending.get_or_create_owned(&labels),
         }
+    }
+
+    /// A one-line summary over every stream, for systemd's STATUS=.
+    pub fn status_line(&self, streams: usize) -> String {
+        let t = &self.totals;
+        format!(
+            "{streams} streams; {} handlers running; {} acked, {} dead-lettered since start",
+            t.in_flight.load(Ordering::Relaxed),
+            t.acked.load(Ordering::Relaxed),
+            t.dead_lettered.load(Ordering::Relaxed),
+        )
     }
 
     /// `redis_streamd_redis_reconnects_total` + 1.
@@ -209,9 +223,19 @@ impl Metrics {
     }
 }
 
+/// Sums over every stream, for the status line (the registry has no cheap way to add up
+/// a family's series).
+#[derive(Debug, Default)]
+struct Totals {
+    in_flight: AtomicI64,
+    acked: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
 /// One (stream, group)'s metric handles; cheap to clone (each is an `Arc`).
 #[derive(Clone, Debug)]
 pub struct StreamMetrics {
+    totals: Arc<Totals>,
     read: Counter,
     acked: Counter,
     failed_attempts: Counter,
@@ -232,6 +256,7 @@ impl StreamMetrics {
     /// `redis_streamd_entries_acked_total` + n.
     pub fn acked(&self, n: u64) {
         self.acked.inc_by(n);
+        self.totals.acked.fetch_add(n, Ordering::Relaxed);
     }
 
     /// `redis_streamd_failed_attempts_total` + 1.
@@ -247,6 +272,7 @@ impl StreamMetrics {
     /// `redis_streamd_dead_lettered_total` + 1.
     pub fn dead_lettered(&self) {
         self.dead_lettered.inc();
+        self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One observation of `redis_streamd_handler_duration_seconds`.
@@ -257,11 +283,13 @@ impl StreamMetrics {
     /// `redis_streamd_handlers_in_flight` + 1.
     pub fn in_flight_inc(&self) {
         self.in_flight.inc();
+        self.totals.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `redis_streamd_handlers_in_flight` - 1.
     pub fn in_flight_dec(&self) {
         self.in_flight.dec();
+        self.totals.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// `redis_streamd_group_lag`.
@@ -529,6 +557,23 @@ mod tests {
         );
         assert!(text.contains("# TYPE redis_streamd_handler_duration_seconds histogram"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn status_line_adds_up_every_stream() {
+        let metrics = Metrics::new();
+        let (a, b) = (metrics.stream("a", "g"), metrics.stream("b", "g"));
+        a.in_flight_inc();
+        b.in_flight_inc();
+        b.in_flight_inc();
+        b.in_flight_dec();
+        a.acked(3);
+        b.acked(4);
+        b.dead_lettered();
+        assert_eq!(
+            metrics.status_line(2),
+            "2 streams; 2 handlers running; 7 acked, 1 dead-lettered since start"
+        );
     }
 
     #[test]
