@@ -91,6 +91,10 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
         let delay = next_delay;
         let client = Builder::from_config(fred_config.clone())
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            // Each client's event channels are allocated up front; we listen to two,
+            // and a lagged receiver is handled. With one client per stream this is
+            // most of an idle daemon's per-stream memory.
+            .with_performance_config(|perf| perf.broadcast_channel_capacity = 4)
             .build()?;
         let attempt = tokio::select! {
             r = client.init() => r,

@@ -66,7 +66,7 @@ async fn metrics_and_health_match_what_happened() {
             .await;
     }
     c.xadd("jobs", &[("payload", b"bad")]).await;
-    let d = Daemon::start_with(&cfg, &["--log-format", "json"], &[]);
+    let d = Daemon::start_with(&cfg, &["--log-format", "json", "--log-level", "debug"], &[]);
 
     d.wait_until(LONG, "/readyz answers 200", || async move {
         matches!(http_get(port, "/readyz"), Some((200, _)))
