@@ -306,6 +306,14 @@ impl StreamLoop {
             while let Ok(more) = slots.clone().try_acquire_owned() {
                 permits.push(more);
             }
+            if self.batches_reads() && !tasks.is_empty() {
+                gather_slots(
+                    &slots,
+                    &mut permits,
+                    self.shared.cfg.max_block_read.div_ceil(2),
+                )
+                .await;
+            }
 
             self.start_due_retries(&mut retries, &mut permits, &mut tasks);
             lost_scan |= self.reconnected();
@@ -402,6 +410,14 @@ impl StreamLoop {
         self.health.loop_stopped();
         drop(alive);
         self.drain(tasks, heartbeat, heartbeat_stop).await;
+    }
+
+    /// Worker mode reads in batches: a worker answers in microseconds, so reading as soon
+    /// as one slot frees means one XREADGROUP (and one XACK) per entry or two, and Redis
+    /// round trips become the limit. Per-entry processes take a millisecond to spawn;
+    /// there, reading at once is better.
+    fn batches_reads(&self) -> bool {
+        matches!(self.shared.executor, Executor::Worker(_))
     }
 
     /// Whether the reader reconnected since the last call.
@@ -819,6 +835,28 @@ async fn sleep_until_some(at: Option<Instant>) {
 fn log_task_end(stream: &str, done: Result<(), tokio::task::JoinError>) {
     if let Err(error) = done {
         tracing::error!(stream, %error, "entry task failed; its entry stays pending");
+    }
+}
+
+/// How long worker mode waits for more free slots before a read (see
+/// [`StreamLoop::batches_reads`]).
+const READ_LINGER: Duration = Duration::from_millis(1);
+
+/// Collects more free slots until there are `want`, or [`READ_LINGER`] has passed.
+async fn gather_slots(
+    slots: &Arc<Semaphore>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+    want: usize,
+) {
+    let deadline = Instant::now() + READ_LINGER;
+    while permits.len() < want {
+        tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permits.push(permit),
+                Err(_) => return,
+            },
+            _ = tokio::time::sleep_until(deadline) => return,
+        }
     }
 }
 

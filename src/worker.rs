@@ -43,6 +43,10 @@ use tokio_util::sync::CancellationToken;
 use crate::handler::{self, HandlerCommand, Invocation, LineSplitter, Outcome, Report, StderrTail};
 use crate::reaper::{self, OwnChild};
 
+/// Requests up to this size are copied into one buffer and written at once; larger
+/// payloads are written as they are (the copy would cost more than the extra wake-up).
+const SINGLE_WRITE_BYTES: usize = 64 * 1024;
+
 /// Longest reply line accepted, newline included.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// First restart delay after a worker died; doubles per consecutive death.
@@ -329,9 +333,18 @@ impl Worker {
     async fn exchange(&mut self, inv: &Invocation<'_>, payload: &[u8]) -> Result<Reply, Broken> {
         let header = format!("{} {} {}\n", inv.id, inv.attempt, payload.len());
         let written = async {
-            self.stdin.write_all(header.as_bytes()).await?;
-            self.stdin.write_all(payload).await?;
-            self.stdin.write_all(b"\n").await?;
+            if payload.len() <= SINGLE_WRITE_BYTES {
+                // One write, so the worker wakes once with the whole request.
+                let mut frame = Vec::with_capacity(header.len() + payload.len() + 1);
+                frame.extend_from_slice(header.as_bytes());
+                frame.extend_from_slice(payload);
+                frame.push(b'\n');
+                self.stdin.write_all(&frame).await?;
+            } else {
+                self.stdin.write_all(header.as_bytes()).await?;
+                self.stdin.write_all(payload).await?;
+                self.stdin.write_all(b"\n").await?;
+            }
             self.stdin.flush().await
         };
         if written.await.is_err() {
