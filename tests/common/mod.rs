@@ -793,30 +793,31 @@ fn clean_env(cmd: &mut Command) {
     cmd.env("NO_COLOR", "1");
 }
 
+/// Every process on the machine with its stat, read from `/proc`.
+pub fn processes() -> Vec<(i32, ProcStat)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|p| Some((p, proc_stat(p)?)))
+        .collect()
+}
+
 /// `(pid, pgid)` of the direct children of `pid`.
 pub fn children_of(pid: u32) -> Vec<(i32, i32)> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if let Some(st) = proc_stat(p)
-            && st.ppid == pid as i32
-        {
-            out.push((p, st.pgid));
-        }
-    }
-    out
+    processes()
+        .into_iter()
+        .filter(|(_, st)| st.ppid == pid as i32)
+        .map(|(p, st)| (p, st.pgid))
+        .collect()
 }
 
 /// Pids of zombie children of `pid` (exited, not yet reaped).
 pub fn zombie_children(pid: u32) -> Vec<i32> {
-    children_of(pid)
+    processes()
         .into_iter()
-        .filter(|(child, _)| proc_stat(*child).is_some_and(|st| st.state == 'Z'))
+        .filter(|(_, st)| st.ppid == pid as i32 && st.state == 'Z')
         .map(|(child, _)| child)
         .collect()
 }

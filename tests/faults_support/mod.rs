@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashSet};
-use std::fs;
 use std::path::Path;
 
 use nix::sys::signal::{Signal, killpg};
@@ -52,22 +51,10 @@ pub fn live_children(pid: u32) -> Vec<(i32, i32)> {
 
 /// Pids of every live (non-zombie) process whose process group is one of `pgids`.
 pub fn live_members_of(pgids: &HashSet<i32>) -> Vec<(i32, ProcStat)> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if let Some(st) = proc_stat(p)
-            && st.state != 'Z'
-            && pgids.contains(&st.pgid)
-        {
-            out.push((p, st));
-        }
-    }
-    out
+    processes()
+        .into_iter()
+        .filter(|(_, st)| st.state != 'Z' && pgids.contains(&st.pgid))
+        .collect()
 }
 
 /// Process groups to SIGKILL when dropped: handlers orphaned by a `kill -9` of their daemon
