@@ -221,12 +221,16 @@ impl StreamLoop {
     }
 
     /// Creates the consumer group if it is missing, retrying through Redis errors until it
-    /// works or shutdown begins.
+    /// works or shutdown begins. A key of another type (WRONGTYPE) is not retried.
     pub async fn prepare(&self, shutdown: &Shutdown) -> Result<(), RedisError> {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.ensure_group().await {
                 Ok(()) => return Ok(()),
+                Err(error) if error.is_wrongtype() => {
+                    tracing::error!(stream = %self.shared.cfg.name, %error, "the stream's key holds another type of value");
+                    return Err(error);
+                }
                 Err(error) => {
                     tracing::warn!(stream = %self.shared.cfg.name, %error, retry_in = ?delay, "cannot set up consumer group; retrying");
                     tokio::select! {

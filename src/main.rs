@@ -99,6 +99,12 @@ fn main() -> ExitCode {
         let _ = reaper_task.await;
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            // A stream name that points at a key of another type: the config is wrong for
+            // this Redis, and restarting would fail the same way.
+            Err(DaemonError::Redis(error)) if error.is_wrongtype() => {
+                tracing::error!(%error, "a configured stream name is a key of another type");
+                ExitCode::from(EX_CONFIG)
+            }
             Err(DaemonError::Redis(error @ RedisError::ConnectTimeout { .. })) => {
                 tracing::error!(%error, "giving up");
                 ExitCode::from(EX_UNAVAILABLE)

@@ -44,6 +44,12 @@ impl RedisError {
     pub fn is_nogroup(&self) -> bool {
         matches!(self, RedisError::Command(e) if e.details().starts_with("NOGROUP"))
     }
+
+    /// The key holds something other than a stream: a configuration mistake that no
+    /// retry can fix.
+    pub fn is_wrongtype(&self) -> bool {
+        matches!(self, RedisError::Command(e) if e.details().starts_with("WRONGTYPE"))
+    }
 }
 
 /// One stream entry as read from Redis.

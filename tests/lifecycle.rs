@@ -191,3 +191,20 @@ async fn idle_consumers_without_pending_entries_are_reaped() {
     );
     assert_eq!(c.pending_count("jobs", "g").await, 1);
 }
+
+/// A stream name that is a key of another type is a configuration error: the daemon says
+/// so and exits 78 instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_key_of_another_type_exits_78() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = write_script(work.path(), "h.sh", "cat >/dev/null");
+    let c = TestClient::connect(&redis.url()).await;
+    c.cmd("SET", vec!["jobs".into(), "not a stream".into()])
+        .await
+        .expect("SET");
+    let mut d = Daemon::start(&config(&redis.url(), &fast("jobs", &script)));
+    let status = d.wait_exit(LONG);
+    assert_eq!(status.code(), Some(78), "{}", d.log_tail());
+    assert!(d.log().contains("WRONGTYPE"), "{}", d.log_tail());
+}
