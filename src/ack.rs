@@ -71,7 +71,9 @@ async fn ack_loop(
     unconfirmed: Unconfirmed,
     metrics: StreamMetrics,
 ) {
-    let mut batch: Vec<String> = Vec::with_capacity(MAX_BATCH);
+    // Grows to the burst size on demand: preallocating MAX_BATCH ids for every stream's
+    // idle acker was measurable memory with many streams.
+    let mut batch: Vec<String> = Vec::new();
     while let Some(id) = rx.recv().await {
         batch.push(id);
         while batch.len() < MAX_BATCH {
@@ -82,7 +84,8 @@ async fn ack_loop(
         }
         let mut delay = Duration::from_millis(100);
         loop {
-            match cmds.ack(&batch).await {
+            // Boxed: the XACK future is large and the task spends its life idle.
+            match Box::pin(cmds.ack(&batch)).await {
                 Ok(_) => {
                     tracing::debug!(stream = %cmds.stream, count = batch.len(), "acked");
                     metrics.acked(batch.len() as u64);

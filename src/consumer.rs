@@ -297,7 +297,7 @@ impl StreamLoop {
                     continue;
                 }
                 _ = claim_timer.tick() => {
-                    self.reap_idle_consumers().await;
+                    Box::pin(self.reap_idle_consumers()).await;
                     claim_cursor.get_or_insert_with(|| "0-0".to_owned());
                     continue;
                 }
@@ -322,16 +322,15 @@ impl StreamLoop {
             self.start_due_retries(&mut retries, &mut permits, &mut tasks);
             lost_scan |= self.reconnected();
             if lost_scan && backlog_cursor.is_none() && !permits.is_empty() {
-                lost_scan = self
-                    .recover_lost(&mut retries, &mut permits, &mut tasks)
-                    .await;
+                lost_scan =
+                    Box::pin(self.recover_lost(&mut retries, &mut permits, &mut tasks)).await;
             }
             if backlog_cursor.is_none()
                 && let Some(cursor) = claim_cursor.take()
             {
-                claim_cursor = self
-                    .claim_round(&mut retries, &cursor, &mut permits, &mut tasks)
-                    .await;
+                claim_cursor =
+                    Box::pin(self.claim_round(&mut retries, &cursor, &mut permits, &mut tasks))
+                        .await;
             }
             if permits.is_empty() {
                 continue;
@@ -345,8 +344,8 @@ impl StreamLoop {
             // falls due before the read would return interrupts it (CLIENT UNBLOCK ...
             // TIMEOUT: it returns as if timed out, delivering nothing), so a retry is never
             // late by up to `block`.
-            let read = self.reader.read(permits.len(), block, &id);
-            tokio::pin!(read);
+            // Boxed: an idle loop waits here, and its task is as large as this state.
+            let mut read = Box::pin(self.reader.read(permits.len(), block, &id));
             let mut wake_at: Option<Instant> = None;
             let read = loop {
                 tokio::select! {
@@ -379,13 +378,13 @@ impl StreamLoop {
                 }
                 Err(error) => {
                     lost_scan = true;
-                    self.read_failed(error, &mut error_delay, &shutdown).await;
+                    Box::pin(self.read_failed(error, &mut error_delay, &shutdown)).await;
                     continue;
                 }
             };
 
             if backlog_cursor.is_some() {
-                match self.attempt_numbers(&entries).await {
+                match Box::pin(self.attempt_numbers(&entries)).await {
                     Ok(attempts) => {
                         backlog_cursor = entries.last().map(|e| e.id.clone());
                         if backlog_cursor.is_none() {
@@ -399,7 +398,7 @@ impl StreamLoop {
                     Err(error) => {
                         // The read bumped their counters; they stay pending and the
                         // cursor stays put, so the next round reads them again.
-                        self.read_failed(error, &mut error_delay, &shutdown).await;
+                        Box::pin(self.read_failed(error, &mut error_delay, &shutdown)).await;
                     }
                 }
             } else {
@@ -411,9 +410,11 @@ impl StreamLoop {
         }
 
         // No longer reading: not ready, and a long drain is no hang for the watchdog.
+        // (Rarely taken paths are boxed above and below: an idle loop's task is as large
+        // as its largest state, and with a hundred streams that is resident memory.)
         self.health.loop_stopped();
         drop(alive);
-        self.drain(tasks, heartbeat, heartbeat_stop).await;
+        Box::pin(self.drain(tasks, heartbeat, heartbeat_stop)).await;
     }
 
     /// Worker mode reads in batches: a worker answers in microseconds, so reading as soon
@@ -522,7 +523,7 @@ impl StreamLoop {
         for id in &claim.deleted {
             tracing::warn!(stream = %cfg.name, %id, "pending entry was deleted from the stream; redis dropped it from the pending list");
         }
-        let attempts = match self.attempt_numbers(&claim.entries).await {
+        let attempts = match Box::pin(self.attempt_numbers(&claim.entries)).await {
             Ok(attempts) => attempts,
             Err(error) => {
                 // Claimed but not started: they are ours now and idle again after
@@ -775,7 +776,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         if ids.is_empty() {
             continue;
         }
-        if let Err(error) = shared.cmds.touch(ids).await {
+        if let Err(error) = Box::pin(shared.cmds.touch(ids)).await {
             tracing::warn!(stream = %shared.cfg.name, %error, "cannot refresh running entries (XCLAIM JUSTID)");
         }
     }
@@ -790,7 +791,7 @@ async fn sample_group(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ticks.tick() => {}
             _ = stop.cancelled() => return,
         }
-        match shared.cmds.group_stats().await {
+        match Box::pin(shared.cmds.group_stats()).await {
             Ok(Some((pending, lag))) => {
                 shared
                     .metrics
