@@ -101,7 +101,11 @@ impl Shared {
     async fn run_handler(&self, invocation: &Invocation<'_>, stdin: bytes::Bytes) -> Report {
         self.metrics.in_flight_inc();
         let report = match &self.executor {
-            Executor::Exec(cmd) => handler::run(cmd, invocation, stdin, &self.abort).await,
+            // Boxed: the per-entry process future is large, and inline it would make
+            // every entry task (worker mode's too) that large to move and poll.
+            Executor::Exec(cmd) => {
+                Box::pin(handler::run(cmd, invocation, stdin, &self.abort)).await
+            }
             Executor::Worker(pool) => pool.run(invocation, stdin, &self.abort).await,
         };
         self.metrics.in_flight_dec();
