@@ -557,11 +557,7 @@ pub fn parse_read_reply(reply: Value) -> Result<Vec<Entry>, RedisError> {
 
 /// Parses a list of entries `[[id, [f, v, ...] | nil], ...]`.
 pub fn parse_entries(reply: Value, command: &'static str) -> Result<Vec<Entry>, RedisError> {
-    let items = match reply {
-        Value::Null => return Ok(Vec::new()),
-        Value::Array(items) => items,
-        other => return Err(unexpected(command, &other)),
-    };
+    let items = list(reply, command)?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let Value::Array(mut pair) = item else {
@@ -599,11 +595,7 @@ pub fn parse_entries(reply: Value, command: &'static str) -> Result<Vec<Entry>, 
 /// Parses the extended `XPENDING` reply: `[[id, consumer, idle, deliveries], ...]`.
 pub fn parse_pending_reply(reply: Value) -> Result<Vec<PendingEntry>, RedisError> {
     const CMD: &str = "XPENDING";
-    let items = match reply {
-        Value::Null => return Ok(Vec::new()),
-        Value::Array(items) => items,
-        other => return Err(unexpected(CMD, &other)),
-    };
+    let items = list(reply, CMD)?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let Value::Array(row) = item else {
@@ -620,6 +612,15 @@ pub fn parse_pending_reply(reply: Value) -> Result<Vec<PendingEntry>, RedisError
         });
     }
     Ok(out)
+}
+
+/// A reply that is a list, where nil means an empty one.
+fn list(reply: Value, command: &'static str) -> Result<Vec<Value>, RedisError> {
+    match reply {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(items) => Ok(items),
+        other => Err(unexpected(command, &other)),
+    }
 }
 
 fn bytes(value: Value, command: &'static str) -> Result<Bytes, RedisError> {
