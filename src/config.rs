@@ -82,6 +82,9 @@ pub struct StreamConfig {
     pub mode: HandlerMode,
     /// At most this many handler processes of this stream run at once. >= 1.
     pub max_block_read: usize,
+    /// Worker mode: most entries one worker holds at once, the one it is handling
+    /// included (the rest are written to its stdin ahead). >= 1; 1 in exec mode.
+    pub worker_prefetch: usize,
     /// XREADGROUP BLOCK. Default 5s.
     pub block: Duration,
     /// Where a newly created group starts: "$" (default) or "0".
@@ -167,7 +170,10 @@ impl Config {
                 s.max_attempts
             ));
             if s.mode == HandlerMode::Worker {
-                out.push_str("  mode=worker");
+                out.push_str(&format!(
+                    "  mode=worker  worker_prefetch={}",
+                    s.worker_prefetch
+                ));
             }
         }
         out
@@ -194,6 +200,10 @@ impl std::fmt::Debug for RedisConfig {
 // Defaults (documented on the fields of `StreamConfig` / `DaemonConfig`).
 
 const DEFAULT_MAX_BLOCK_READ: u64 = 10;
+const DEFAULT_WORKER_PREFETCH: u64 = 4;
+/// More would only hold entries back from other consumers: at this depth a worker already
+/// never waits for the daemon.
+const MAX_WORKER_PREFETCH: usize = 1000;
 const DEFAULT_BLOCK: Duration = Duration::from_secs(5);
 const DEFAULT_START_ID: &str = "$";
 const DEFAULT_PAYLOAD_FIELD: &str = "payload";
@@ -253,6 +263,7 @@ struct RawStream {
     handler: Option<Vec<String>>,
     mode: Option<String>,
     max_block_read: Option<i64>,
+    worker_prefetch: Option<i64>,
     block: Option<String>,
     start_id: Option<String>,
     payload: Option<String>,
@@ -494,6 +505,7 @@ impl Ctx<'_> {
         let name = self.required(&key("name"), raw.name)?;
         let dlq = self.dlq(&key("dlq"), raw.dlq, &name)?;
         let has_backoff_max = raw.retry_backoff_max.is_some();
+        let mode = self.mode(&key("mode"), raw.mode)?;
         let retry_backoff = self.duration(
             &key("retry_backoff"),
             raw.retry_backoff,
@@ -523,8 +535,13 @@ impl Ctx<'_> {
         Ok(StreamConfig {
             group: self.required(&key("group"), raw.group)?,
             handler: self.handler(&key("handler"), raw.handler)?,
-            mode: self.mode(&key("mode"), raw.mode)?,
+            mode,
             max_block_read: self.max_block_read(&key("max_block_read"), raw.max_block_read)?,
+            worker_prefetch: self.worker_prefetch(
+                &key("worker_prefetch"),
+                raw.worker_prefetch,
+                mode,
+            )?,
             block: self.positive_duration(&key("block"), raw.block, DEFAULT_BLOCK)?,
             start_id: self.start_id(&key("start_id"), raw.start_id)?,
             payload: self.payload(&key("payload"), raw.payload)?,
@@ -610,6 +627,30 @@ impl Ctx<'_> {
     fn max_block_read(&self, key: &KeyPath, value: Option<i64>) -> Result<usize, ConfigError> {
         let n = self.at_least_one(key, value, DEFAULT_MAX_BLOCK_READ)?;
         usize::try_from(n).map_err(|_| self.invalid(key, format!("{n} is too large")))
+    }
+
+    fn worker_prefetch(
+        &self,
+        key: &KeyPath,
+        value: Option<i64>,
+        mode: HandlerMode,
+    ) -> Result<usize, ConfigError> {
+        if mode == HandlerMode::Exec {
+            return match value {
+                None => Ok(1),
+                Some(_) => Err(self.invalid(key, "applies only to mode = \"worker\"".to_owned())),
+            };
+        }
+        let n = self.at_least_one(key, value, DEFAULT_WORKER_PREFETCH)?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= MAX_WORKER_PREFETCH)
+            .ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("must be at most {MAX_WORKER_PREFETCH} (got {n})"),
+                )
+            })
     }
 
     fn start_id(&self, key: &KeyPath, value: Option<String>) -> Result<String, ConfigError> {
@@ -1198,6 +1239,7 @@ group = "order-workers"
 handler = ["/bin/sh", "-c", "cat >/dev/null"]
 mode = "worker"
 max_block_read = 4
+worker_prefetch = 2
 block = "250ms"
 start_id = "0"
 payload = "entry"
@@ -1225,6 +1267,7 @@ reap_idle = "2h"
             handler: vec!["/bin/sh".into(), "-c".into(), "cat >/dev/null".into()],
             mode: HandlerMode::Worker,
             max_block_read: 4,
+            worker_prefetch: 2,
             block: Duration::from_millis(250),
             start_id: "0".into(),
             payload: PayloadMode::Entry,

@@ -23,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::ack::Acker;
 use crate::config::{HandlerMode, StreamConfig};
@@ -33,7 +34,7 @@ use crate::notify::Liveness;
 use crate::payload;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::shutdown::Shutdown;
-use crate::worker::{PoolIdentity, WorkerPool};
+use crate::worker::{Job, PoolIdentity, WorkerPool};
 
 /// Time between SIGTERM and SIGKILL for a handler's process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -72,6 +73,8 @@ struct Retry {
 struct Shared {
     cfg: StreamConfig,
     executor: Executor,
+    /// DLQ writes of entries settled by worker drivers (they cannot wait on Redis).
+    settling: TaskTracker,
     metrics: StreamMetrics,
     cmds: StreamCommands,
     acker: Acker,
@@ -85,7 +88,7 @@ struct Shared {
 /// How an entry reaches the handler program.
 enum Executor {
     /// A fresh process per attempt.
-    Exec(HandlerCommand),
+    Exec(Arc<HandlerCommand>),
     /// Long-lived processes (`mode = "worker"`).
     Worker(WorkerPool),
 }
@@ -98,21 +101,79 @@ impl Shared {
             .contains(id)
     }
 
-    async fn run_handler(&self, invocation: &Invocation<'_>, stdin: bytes::Bytes) -> Report {
-        self.metrics.in_flight_inc();
-        let report = match &self.executor {
-            // Boxed: the per-entry process future is large, and inline it would make
-            // every entry task (worker mode's too) that large to move and poll.
-            Executor::Exec(cmd) => {
-                Box::pin(handler::run(cmd, invocation, stdin, &self.abort)).await
-            }
-            Executor::Worker(pool) => pool.run(invocation, stdin, &self.abort).await,
-        };
+    /// Checks that an attempt can run. Everything but `Run` settles the entry here.
+    fn prepare(&self, entry: &Entry, attempt: u64) -> Prepared {
+        let cfg = &self.cfg;
+        if entry.fields.is_none() {
+            tracing::warn!(stream = %cfg.name, id = %entry.id, "entry was deleted from the stream while pending; acking it away");
+            return Prepared::Deleted;
+        }
+        if attempt > cfg.max_attempts {
+            return Prepared::DeadLetter(Failure {
+                reason: format!(
+                    "delivered {attempt} times, more than max_attempts ({})",
+                    cfg.max_attempts
+                ),
+                attempts: attempt - 1,
+                stderr: Vec::new(),
+            });
+        }
+        match payload::stdin_for(cfg.payload, &cfg.payload_field, &cfg.name, entry) {
+            Ok(stdin) => Prepared::Run(stdin),
+            Err(reason) => Prepared::DeadLetter(Failure {
+                reason,
+                attempts: 0,
+                stderr: Vec::new(),
+            }),
+        }
+    }
+
+    fn handler_finished(&self, report: &Report) {
         self.metrics.in_flight_dec();
         if report.outcome != Outcome::Aborted {
             self.metrics.handler_duration(report.elapsed);
         }
-        report
+    }
+
+    /// Settles a finished attempt: ack, retry, or nothing (aborted). Returns the entry and
+    /// its failure when it must go to the DLQ, the one outcome that waits on Redis.
+    fn settle(&self, entry: Entry, attempt: u64, report: Report) -> Option<(Entry, Failure)> {
+        let cfg = &self.cfg;
+        let elapsed_ms = report.elapsed.as_millis() as u64;
+        let final_failure = match &report.outcome {
+            Outcome::Success => {
+                // debug, not info: one line per success is most of a busy daemon's log
+                // volume and measurable per-entry cost; successes are counted in the metrics.
+                tracing::debug!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, "handled");
+                self.acker.ack(entry.id);
+                return None;
+            }
+            Outcome::Aborted => {
+                tracing::warn!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, "handler terminated by shutdown; entry stays pending");
+                return None;
+            }
+            Outcome::Exited(code) if cfg.dlq_exit_codes.contains(code) => true,
+            Outcome::Rejected(_) => true,
+            _ => attempt >= cfg.max_attempts,
+        };
+        self.metrics.failed_attempt();
+        let reason = report.outcome.reason();
+        if final_failure {
+            let failure = Failure {
+                reason,
+                attempts: attempt,
+                stderr: report.stderr_tail,
+            };
+            return Some((entry, failure));
+        }
+        let delay = backoff(cfg, attempt);
+        tracing::warn!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, %reason, retry_in = ?delay, "attempt failed");
+        self.metrics.retry();
+        let _ = self.retry_tx.send(Retry {
+            due: Instant::now() + delay,
+            id: entry.id,
+        });
+        None
     }
 
     async fn dead_letter(&self, entry: &Entry, failure: &Failure) {
@@ -121,6 +182,19 @@ impl Shared {
         }
     }
 }
+
+/// What [`Shared::prepare`] found.
+enum Prepared {
+    /// Run the handler with this stdin.
+    Run(bytes::Bytes),
+    /// The entry is gone from the stream: ack it away.
+    Deleted,
+    /// Never runs: straight to the DLQ.
+    DeadLetter(Failure),
+}
+
+/// Work an attempt still has to wait for, run as a task by the caller.
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Marks an id as in flight for as long as it lives.
 struct InFlight {
@@ -191,7 +265,7 @@ impl StreamLoop {
             kill_grace: KILL_GRACE,
         };
         let executor = match cfg.mode {
-            HandlerMode::Exec => Executor::Exec(handler),
+            HandlerMode::Exec => Executor::Exec(Arc::new(handler)),
             HandlerMode::Worker => Executor::Worker(WorkerPool::new(
                 handler,
                 PoolIdentity {
@@ -200,11 +274,14 @@ impl StreamLoop {
                     consumer: consumer.to_owned(),
                 },
                 cfg.max_block_read,
+                cfg.worker_prefetch,
+                shutdown.abort_token().clone(),
             )),
         };
         let shared = Arc::new(Shared {
             cfg,
             executor,
+            settling: TaskTracker::new(),
             metrics: hooks.metrics,
             cmds,
             acker,
@@ -265,7 +342,9 @@ impl StreamLoop {
             max_block_read = cfg.max_block_read,
             "consume loop started"
         );
-        let slots = Arc::new(Semaphore::new(cfg.max_block_read));
+        // In worker mode each worker may hold `worker_prefetch` entries.
+        let slot_count = cfg.max_block_read * cfg.worker_prefetch;
+        let slots = Arc::new(Semaphore::new(slot_count));
         let mut tasks = JoinSet::new();
         let mut retries = RetryQueue::default();
         // Some(cursor) while we are still working through our own pending list.
@@ -315,12 +394,7 @@ impl StreamLoop {
                 permits.push(more);
             }
             if self.batches_reads() && !tasks.is_empty() {
-                gather_slots(
-                    &slots,
-                    &mut permits,
-                    self.shared.cfg.max_block_read.div_ceil(2),
-                )
-                .await;
+                gather_slots(&slots, &mut permits, slot_count.div_ceil(2)).await;
             }
 
             self.start_due_retries(&mut retries, &mut permits, &mut tasks);
@@ -605,6 +679,8 @@ impl StreamLoop {
         if let Executor::Worker(pool) = &self.shared.executor {
             pool.shutdown().await;
         }
+        self.shared.settling.close();
+        self.shared.settling.wait().await;
         let cmds = self.shared.cmds.clone();
         let StreamLoop {
             shared,
@@ -706,13 +782,9 @@ impl StreamLoop {
             return;
         };
         self.shared.metrics.read(1);
-        tasks.spawn(attempt_entry(
-            self.shared.clone(),
-            entry,
-            attempt,
-            permit,
-            guard,
-        ));
+        if let Some(work) = start_attempt(&self.shared, entry, attempt, permit, guard) {
+            tasks.spawn(work);
+        }
     }
 }
 
@@ -900,7 +972,9 @@ async fn retry_entry(
     // min-idle = the idle time just seen: if anyone touched the entry since, no claim.
     match cmds.claim(&id, Duration::from_millis(row.idle_ms)).await {
         Ok(Some(entry)) => {
-            attempt_entry(shared.clone(), entry, row.deliveries + 1, permit, guard).await
+            if let Some(work) = start_attempt(&shared, entry, row.deliveries + 1, permit, guard) {
+                work.await;
+            }
         }
         Ok(None) => {
             tracing::debug!(stream = %cmds.stream, %id, "entry deleted or claimed elsewhere; nothing to retry");
@@ -918,90 +992,89 @@ fn reschedule(shared: &Shared, id: String, error: RedisError) {
     });
 }
 
-/// One attempt at one entry: run the handler and settle the entry (ack, retry, DLQ).
-async fn attempt_entry(
-    shared: Arc<Shared>,
+/// Starts one attempt at `entry`. What it must wait for (a per-entry handler process, a
+/// DLQ write) comes back for the caller to run as a task; in worker mode a runnable entry
+/// goes to the pool, whose driver settles it, and nothing comes back.
+fn start_attempt(
+    shared: &Arc<Shared>,
     entry: Entry,
     attempt: u64,
+    permit: OwnedSemaphorePermit,
+    guard: InFlight,
+) -> Option<Pending> {
+    let stdin = match shared.prepare(&entry, attempt) {
+        Prepared::Run(stdin) => stdin,
+        Prepared::Deleted => {
+            shared.acker.ack(entry.id);
+            return None;
+        }
+        Prepared::DeadLetter(failure) => {
+            let shared = shared.clone();
+            return Some(Box::pin(async move {
+                shared.dead_letter(&entry, &failure).await;
+                drop((permit, guard));
+            }));
+        }
+    };
+    shared.metrics.in_flight_inc();
+    match &shared.executor {
+        Executor::Exec(cmd) => Some(Box::pin(exec_attempt(
+            shared.clone(),
+            cmd.clone(),
+            entry,
+            attempt,
+            stdin,
+            permit,
+            guard,
+        ))),
+        Executor::Worker(pool) => {
+            let settler = shared.clone();
+            pool.submit(Job {
+                id: entry.id.clone(),
+                attempt,
+                payload: stdin,
+                done: Box::new(move |report| {
+                    drop(permit);
+                    settler.handler_finished(&report);
+                    // The guard lives until the entry is settled (its ack or retry queued,
+                    // or its DLQ write done), so nothing starts it twice meanwhile.
+                    if let Some((entry, failure)) = settler.settle(entry, attempt, report) {
+                        let shared = settler.clone();
+                        settler.settling.spawn(async move {
+                            shared.dead_letter(&entry, &failure).await;
+                            drop(guard);
+                        });
+                    }
+                }),
+            });
+            None
+        }
+    }
+}
+
+/// One attempt with a fresh handler process: run it, then settle the entry.
+async fn exec_attempt(
+    shared: Arc<Shared>,
+    cmd: Arc<HandlerCommand>,
+    entry: Entry,
+    attempt: u64,
+    stdin: bytes::Bytes,
     permit: OwnedSemaphorePermit,
     _guard: InFlight,
 ) {
     let cfg = &shared.cfg;
-    let cmds = &shared.cmds;
-    if entry.fields.is_none() {
-        tracing::warn!(stream = %cfg.name, id = %entry.id, "entry was deleted from the stream while pending; acking it away");
-        shared.acker.ack(entry.id);
-        return;
-    }
-    if attempt > cfg.max_attempts {
-        let failure = Failure {
-            reason: format!(
-                "delivered {attempt} times, more than max_attempts ({})",
-                cfg.max_attempts
-            ),
-            attempts: attempt - 1,
-            stderr: Vec::new(),
-        };
-        shared.dead_letter(&entry, &failure).await;
-        return;
-    }
-    let stdin = match payload::stdin_for(cfg.payload, &cfg.payload_field, &cfg.name, &entry) {
-        Ok(stdin) => stdin,
-        Err(reason) => {
-            let failure = Failure {
-                reason,
-                attempts: 0,
-                stderr: Vec::new(),
-            };
-            shared.dead_letter(&entry, &failure).await;
-            return;
-        }
-    };
-
     let invocation = Invocation {
         stream: &cfg.name,
         group: &cfg.group,
-        consumer: &cmds.consumer,
+        consumer: &shared.cmds.consumer,
         id: &entry.id,
         attempt,
     };
-    let report = shared.run_handler(&invocation, stdin).await;
+    let report = handler::run(&cmd, &invocation, stdin, &shared.abort).await;
     // The slot is for the process; settling the entry does not need it.
     drop(permit);
-
-    let elapsed_ms = report.elapsed.as_millis() as u64;
-    let final_failure = match &report.outcome {
-        Outcome::Success => {
-            // debug, not info: one line per success is most of a busy daemon's log
-            // volume and measurable per-entry cost; successes are counted in the metrics.
-            tracing::debug!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, "handled");
-            shared.acker.ack(entry.id);
-            return;
-        }
-        Outcome::Aborted => {
-            tracing::warn!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, "handler terminated by shutdown; entry stays pending");
-            return;
-        }
-        Outcome::Exited(code) if cfg.dlq_exit_codes.contains(code) => true,
-        Outcome::Rejected(_) => true,
-        _ => attempt >= cfg.max_attempts,
-    };
-    shared.metrics.failed_attempt();
-    let reason = report.outcome.reason();
-    if final_failure {
-        let failure = Failure {
-            reason,
-            attempts: attempt,
-            stderr: report.stderr_tail,
-        };
+    shared.handler_finished(&report);
+    if let Some((entry, failure)) = shared.settle(entry, attempt, report) {
         shared.dead_letter(&entry, &failure).await;
-    } else {
-        let delay = backoff(cfg, attempt);
-        tracing::warn!(stream = %cfg.name, group = %cfg.group, id = %entry.id, attempt, elapsed_ms, %reason, retry_in = ?delay, "attempt failed");
-        shared.metrics.retry();
-        let _ = shared.retry_tx.send(Retry {
-            due: Instant::now() + delay,
-            id: entry.id,
-        });
     }
 }

@@ -1,9 +1,16 @@
-//! Long-running handlers (`mode = "worker"`): a pool of processes per stream, each fed
-//! one entry at a time over a line-and-length protocol on stdin/stdout.
+//! Long-running handlers (`mode = "worker"`): a pool of processes per stream, fed entries
+//! over a line-and-length protocol on stdin/stdout.
 //!
 //! Spawning a process per entry caps throughput at what fork+exec allows; a worker pays
-//! that once. The pool has `max_block_read` slots, matching the consume loop's slots, so
-//! an entry task always finds an idle worker.
+//! that once. The pool has `max_block_read` workers, each driven by one task of its own
+//! (its *driver*), which owns the process, writes requests and reads replies.
+//!
+//! Entries reach the pool through one queue per stream. An idle driver takes the next
+//! entry at once. A busy driver may take more, up to `worker_prefetch` entries in hand, but
+//! only while no driver is idle: then the extra requests are written to its worker's stdin
+//! ahead of time (pipelined), so a fast worker never waits for the daemon between entries
+//! and the daemon handles replies in batches. A slow worker does not collect a queue while
+//! another worker is free.
 //!
 //! # Protocol (version 1)
 //!
@@ -15,7 +22,7 @@
 //! <payload bytes>\n
 //! ```
 //!
-//! and reads one reply line from its stdout:
+//! and reads one reply line per request from its stdout, in request order:
 //!
 //! ```text
 //! ok\n                 success: the entry is acked
@@ -23,36 +30,42 @@
 //! dlq <reason>\n       never retry: straight to the dead-letter stream
 //! ```
 //!
-//! stdout carries nothing but replies; stderr is logged. End of file on stdin means
-//! "exit now". Anything else on stdout, a reply line over 64 KiB, the worker exiting, or
-//! no reply within `handler_timeout` fails that entry's attempt and the worker is
-//! replaced (its process group is killed). Restarts back off exponentially (100 ms up to
-//! 30 s) while a worker keeps dying, so a worker that crashes at start never spins the CPU.
+//! The next request may already be in the pipe before the reply to the current one is
+//! written; a worker that reads one request, replies, and reads the next is correct.
+//! stdout carries nothing but replies; stderr is logged. End of file on stdin means "exit
+//! now". Anything else on stdout, a reply line over 64 KiB, the worker exiting, or no reply
+//! within `handler_timeout` (counted from when the entry's turn came: the previous reply)
+//! fails that entry's attempt and the worker is replaced (its process group is killed);
+//! the entries queued behind it go back to the pool without costing an attempt. Restarts
+//! back off exponentially (100 ms up to 30 s) while a worker keeps dying, so a worker that
+//! crashes at start never spins the CPU.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{self, HandlerCommand, Invocation, LineSplitter, Outcome, Report, StderrTail};
+use crate::handler::{self, HandlerCommand, LineSplitter, Outcome, Report, StderrTail};
 use crate::reaper::{self, OwnChild};
-
-/// Requests up to this size are copied into one buffer and written at once; larger
-/// payloads are written as they are (the copy would cost more than the extra wake-up).
-const SINGLE_WRITE_BYTES: usize = 64 * 1024;
 
 /// Longest reply line accepted, newline included.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+/// Room made in the reply buffer before each read from a worker's stdout.
+const READ_CHUNK: usize = 16 * 1024;
 /// First restart delay after a worker died; doubles per consecutive death.
 const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// From this many consecutive deaths on, each restart is logged as an error.
+/// From this many deaths in a row in a pool (no answer in between) on, each restart is
+/// logged as an error.
 const CRASH_LOOP_DEATHS: u32 = 3;
 
 /// Who the pool works for; becomes worker environment and log fields.
@@ -63,20 +76,73 @@ pub struct PoolIdentity {
     pub consumer: String,
 }
 
-/// The workers of one stream.
-pub struct WorkerPool {
-    cmd: HandlerCommand,
-    who: PoolIdentity,
-    idle: Mutex<Vec<Slot>>,
+/// One entry attempt for the pool.
+pub struct Job {
+    pub id: String,
+    pub attempt: u64,
+    pub payload: Bytes,
+    /// Receives the attempt's report, exactly once (`Outcome::Aborted` when shutdown stopped
+    /// it, or it never started). Called on a driver task, so it must not block.
+    pub done: Box<dyn FnOnce(Report) + Send>,
 }
 
-/// One worker position: the process if running, and its restart state.
-struct Slot {
+impl Job {
+    fn finish(self, outcome: Outcome, stderr_tail: Vec<u8>, started: Instant) {
+        (self.done)(Report {
+            outcome,
+            stderr_tail,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    /// Appends this job's request frame to `out`.
+    fn encode(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        // Writing to a Vec cannot fail.
+        let _ = writeln!(out, "{} {} {}", self.id, self.attempt, self.payload.len());
+        out.extend_from_slice(&self.payload);
+        out.push(b'\n');
+    }
+}
+
+/// The workers of one stream, and the queue that feeds them.
+pub struct WorkerPool {
+    shared: Arc<PoolShared>,
+    drivers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What the pool's drivers share.
+struct PoolShared {
+    cmd: HandlerCommand,
+    who: PoolIdentity,
+    /// Most entries a driver holds at once (the one being handled included).
+    prefetch: usize,
+    queue: Mutex<VecDeque<Job>>,
+    /// Wakes an idle driver: a job was queued.
+    queued: Notify,
+    /// Drivers waiting for a job.
+    idle: AtomicUsize,
+    /// Worker deaths since any worker of the pool last answered: a crash loop shows here
+    /// even when the deaths are spread over several workers.
+    deaths_in_a_row: AtomicU32,
+    /// Set by [`WorkerPool::shutdown`]: take no new jobs, finish those in hand, stop.
+    stopping: CancellationToken,
+    /// The daemon's abort (second signal or shutdown_timeout): stop handling at once.
+    abort: CancellationToken,
+}
+
+/// One worker position: the process when it runs, its restart state, and the jobs it
+/// holds.
+struct Driver {
+    pool: Arc<PoolShared>,
     index: usize,
     worker: Option<Worker>,
     /// Consecutive deaths; reset when the worker answers.
     deaths: u32,
     not_before: Instant,
+    /// Jobs taken, oldest first: the first is the one the worker is handling, the rest
+    /// have been (or are being) written behind it.
+    hand: VecDeque<Job>,
 }
 
 struct Worker {
@@ -85,7 +151,9 @@ struct Worker {
     registration: OwnChild<'static>,
     pgid: Option<Pid>,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    stdout: ChildStdout,
+    /// Bytes read from stdout that are not a whole reply line yet.
+    replies: Vec<u8>,
     tail: Arc<Mutex<StderrTail>>,
     /// The entry being handled, for stderr log lines.
     current: Arc<Mutex<Option<String>>>,
@@ -100,72 +168,135 @@ pub enum Reply {
     Dlq(String),
 }
 
-/// Why an exchange with a worker did not produce a reply.
+/// Why an exchange with a worker ended before every job in hand had its reply.
 #[derive(Debug)]
 enum Broken {
-    /// The worker closed its pipes (it exited or is exiting).
+    /// The worker closed its stdout (it exited or is exiting).
     Gone,
     Protocol(String),
+    TimedOut,
+    Aborted,
 }
 
 impl WorkerPool {
-    pub fn new(cmd: HandlerCommand, who: PoolIdentity, size: usize) -> Self {
+    /// Starts one driver task per worker; the processes themselves start with the first
+    /// entry. Must be called inside the runtime.
+    pub fn new(
+        cmd: HandlerCommand,
+        who: PoolIdentity,
+        workers: usize,
+        prefetch: usize,
+        abort: CancellationToken,
+    ) -> Self {
+        let shared = Arc::new(PoolShared {
+            cmd,
+            who,
+            prefetch: prefetch.max(1),
+            queue: Mutex::new(VecDeque::new()),
+            queued: Notify::new(),
+            idle: AtomicUsize::new(0),
+            deaths_in_a_row: AtomicU32::new(0),
+            stopping: CancellationToken::new(),
+            abort,
+        });
         let now = Instant::now();
-        let slots = (0..size)
-            .map(|index| Slot {
-                index,
-                worker: None,
-                deaths: 0,
-                not_before: now,
+        let drivers = (0..workers)
+            .map(|index| {
+                let driver = Driver {
+                    pool: shared.clone(),
+                    index,
+                    worker: None,
+                    deaths: 0,
+                    not_before: now,
+                    hand: VecDeque::new(),
+                };
+                // Boxed: an idle driver waits here, and its task is as large as its future.
+                tokio::spawn(Box::pin(driver.run()))
             })
             .collect();
         WorkerPool {
-            cmd,
-            who,
-            idle: Mutex::new(slots),
+            shared,
+            drivers: Mutex::new(drivers),
         }
     }
 
-    /// Hands one entry to an idle worker (starting one if needed) and waits for its reply.
-    pub async fn run(
-        &self,
-        inv: &Invocation<'_>,
-        payload: Bytes,
-        abort: &CancellationToken,
-    ) -> Report {
-        let mut slot = self.checkout();
-        let report = slot.handle(self, inv, payload, abort).await;
-        self.checkin(slot);
-        report
+    /// Queues an entry for the next free worker.
+    pub fn submit(&self, job: Job) {
+        if self.shared.stopping.is_cancelled() {
+            job.finish(Outcome::Aborted, Vec::new(), Instant::now());
+            return;
+        }
+        lock(&self.shared.queue).push_back(job);
+        self.shared.queued.notify_one();
     }
 
-    /// Stops every worker: end of file on stdin, then SIGTERM/SIGKILL to its process
-    /// group if it has not exited within `kill_grace`. Call once no entry is running.
+    /// Stops taking entries, lets every worker finish the ones in hand (unless the abort
+    /// token fires), then stops the workers: end of file on stdin, then SIGTERM/SIGKILL to
+    /// the process group if one has not exited within `kill_grace`. Entries still queued
+    /// are reported `Aborted`: they stay pending for the next start.
     pub async fn shutdown(&self) {
-        let slots = std::mem::take(&mut *lock(&self.idle));
-        let stops = slots
-            .into_iter()
-            .filter_map(|slot| slot.worker.map(|w| (slot.index, w)))
-            .map(|(index, worker)| async move {
-                tracing::debug!(stream = %self.who.stream, worker = index, "stopping worker");
-                worker.stop(self.cmd.kill_grace, true).await;
-            });
-        futures::future::join_all(stops).await;
+        self.shared.stopping.cancel();
+        let drivers = std::mem::take(&mut *lock(&self.drivers));
+        for driver in drivers {
+            if let Err(error) = driver.await {
+                tracing::error!(stream = %self.shared.who.stream, %error, "worker driver failed");
+            }
+        }
+        let left: Vec<Job> = lock(&self.shared.queue).drain(..).collect();
+        if !left.is_empty() {
+            tracing::info!(stream = %self.shared.who.stream, entries = left.len(), "entries not started by a worker stay pending");
+        }
+        for job in left {
+            job.finish(Outcome::Aborted, Vec::new(), Instant::now());
+        }
+    }
+}
+
+impl PoolShared {
+    /// Moves queued jobs into `hand`. A driver with nothing in hand takes one; one that
+    /// is busy takes up to `prefetch` in all, but only while no other driver is idle (an
+    /// idle worker runs the entry sooner than a busy one). Returns whether it took any.
+    fn take_into(&self, hand: &mut VecDeque<Job>) -> bool {
+        if self.stopping.is_cancelled() {
+            return false;
+        }
+        let limit = if self.idle.load(Ordering::Relaxed) == 0 {
+            self.prefetch
+        } else {
+            1
+        };
+        if hand.len() >= limit {
+            return false;
+        }
+        let mut queue = lock(&self.queue);
+        let before = hand.len();
+        while hand.len() < limit {
+            match queue.pop_front() {
+                Some(job) => hand.push_back(job),
+                None => break,
+            }
+        }
+        let left = !queue.is_empty();
+        drop(queue);
+        let took = hand.len() > before;
+        if took && left {
+            // Pass the rest on: one notification may stand for several queued jobs.
+            self.queued.notify_one();
+        }
+        took
     }
 
-    fn checkout(&self) -> Slot {
-        // The consume loop never runs more entries than there are slots; should that ever
-        // change, an extra slot is made rather than failing the entry.
-        lock(&self.idle).pop().unwrap_or_else(|| Slot {
-            index: usize::MAX,
-            worker: None,
-            deaths: 0,
-            not_before: Instant::now(),
-        })
-    }
-
-    fn checkin(&self, slot: Slot) {
-        lock(&self.idle).push(slot);
+    /// Puts `hand` back at the front of the queue, in order, for other workers.
+    fn requeue(&self, hand: &mut VecDeque<Job>) {
+        if hand.is_empty() {
+            return;
+        }
+        let mut queue = lock(&self.queue);
+        while let Some(job) = hand.pop_back() {
+            queue.push_front(job);
+        }
+        drop(queue);
+        self.queued.notify_one();
     }
 
     fn spawn(&self, index: usize) -> std::io::Result<Worker> {
@@ -209,7 +340,8 @@ impl WorkerPool {
             registration,
             pgid,
             stdin,
-            stdout: BufReader::new(stdout),
+            stdout,
+            replies: Vec::new(),
             tail,
             current,
             stderr_task,
@@ -217,159 +349,303 @@ impl WorkerPool {
     }
 }
 
-impl Slot {
-    async fn handle(
-        &mut self,
-        pool: &WorkerPool,
-        inv: &Invocation<'_>,
-        payload: Bytes,
-        abort: &CancellationToken,
-    ) -> Report {
-        let started = Instant::now();
-        self.reap_if_exited(pool).await;
-        if self.worker.is_none() {
-            let wait = self.not_before.saturating_duration_since(Instant::now());
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = abort.cancelled() => return report(Outcome::Aborted, Vec::new(), started),
-                }
+impl Driver {
+    async fn run(mut self) {
+        loop {
+            if self.hand.is_empty() && !self.wait_for_job().await {
+                break;
             }
-            match pool.spawn(self.index) {
-                Ok(worker) => self.worker = Some(worker),
-                Err(error) => {
-                    self.died(pool, "could not be started");
-                    return report(Outcome::SpawnFailed(error.to_string()), Vec::new(), started);
+            if !self.ensure_worker().await {
+                continue;
+            }
+            self.exchange().await;
+        }
+        if let Some(worker) = self.worker.take() {
+            tracing::debug!(stream = %self.pool.who.stream, worker = self.index, "stopping worker");
+            worker.stop(self.pool.cmd.kill_grace, true).await;
+        }
+    }
+
+    /// Waits until a job is in hand. `false`: the pool is stopping.
+    async fn wait_for_job(&mut self) -> bool {
+        let pool = self.pool.clone();
+        loop {
+            if pool.stopping.is_cancelled() || pool.abort.is_cancelled() {
+                return false;
+            }
+            let notified = pool.queued.notified();
+            tokio::pin!(notified);
+            // Registered before looking at the queue, so a job queued in between wakes us.
+            notified.as_mut().enable();
+            if pool.take_into(&mut self.hand) {
+                return true;
+            }
+            pool.idle.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = notified => {}
+                _ = pool.stopping.cancelled() => {}
+                _ = pool.abort.cancelled() => {}
+            }
+            pool.idle.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes sure a worker runs, starting one if the restart backoff allows. `false`: no
+    /// worker now; the jobs in hand were handed back (or the first one failed to start).
+    async fn ensure_worker(&mut self) -> bool {
+        self.reap_if_exited().await;
+        if self.worker.is_some() {
+            return true;
+        }
+        let wait = self.not_before.saturating_duration_since(Instant::now());
+        if !wait.is_zero() || self.pool.abort.is_cancelled() {
+            // Other workers may run them meanwhile.
+            self.pool.requeue(&mut self.hand);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.pool.stopping.cancelled() => {}
+                _ = self.pool.abort.cancelled() => {}
+            }
+            return false;
+        }
+        match self.pool.spawn(self.index) {
+            Ok(worker) => {
+                self.worker = Some(worker);
+                true
+            }
+            Err(error) => {
+                self.died("could not be started");
+                if let Some(job) = self.hand.pop_front() {
+                    job.finish(
+                        Outcome::SpawnFailed(error.to_string()),
+                        Vec::new(),
+                        Instant::now(),
+                    );
                 }
+                self.pool.requeue(&mut self.hand);
+                false
             }
         }
+    }
+
+    /// Writes the jobs in hand (and those taken meanwhile) and settles them as their
+    /// replies come, until nothing is in hand or the worker breaks.
+    async fn exchange(&mut self) {
+        let pool = self.pool.clone();
         let Some(worker) = self.worker.as_mut() else {
-            return report(
-                Outcome::SpawnFailed("worker missing".into()),
-                Vec::new(),
-                started,
-            );
+            return;
         };
-
-        *lock(&worker.current) = Some(inv.id.to_owned());
-        // dlq_stderr should be what the worker wrote while handling this entry.
-        *lock(&worker.tail) = StderrTail::default();
-        let result = tokio::select! {
-            r = worker.exchange(inv, &payload) => Ok(r),
-            _ = tokio::time::sleep(pool.cmd.timeout) => Err(Outcome::TimedOut(pool.cmd.timeout)),
-            _ = abort.cancelled() => Err(Outcome::Aborted),
-        };
-        *lock(&worker.current) = None;
-
-        let outcome = match result {
-            Ok(Ok(reply)) => {
-                self.deaths = 0;
-                let outcome = match reply {
-                    Reply::Ok => return report(Outcome::Success, Vec::new(), started),
-                    Reply::Fail(reason) => Outcome::Failed(reason),
-                    Reply::Dlq(reason) => Outcome::Rejected(reason),
-                };
-                let stderr = std::mem::take(&mut *lock(&worker.tail)).into_vec();
-                return report(outcome, stderr, started);
+        // Request bytes not yet written, and how many jobs of `hand` they cover.
+        let mut out: Vec<u8> = Vec::new();
+        let mut out_pos = 0usize;
+        let mut encoded = 0usize;
+        let mut stdin_open = true;
+        let mut started = Instant::now();
+        worker.turn_of(self.hand.front());
+        let broken = loop {
+            while let Some(job) = self.hand.get(encoded) {
+                job.encode(&mut out);
+                encoded += 1;
             }
-            Ok(Err(Broken::Protocol(message))) => {
-                Outcome::WorkerLost(format!("worker protocol error: {message}"))
+            if self.hand.is_empty() {
+                return;
             }
-            Ok(Err(Broken::Gone)) => Outcome::WorkerLost("worker exited".to_owned()),
-            Err(outcome) => outcome,
+            let deadline = started + pool.cmd.timeout;
+            worker.replies.reserve(READ_CHUNK);
+            let Worker {
+                stdin,
+                stdout,
+                replies,
+                ..
+            } = &mut *worker;
+            let event = tokio::select! {
+                biased;
+                _ = pool.abort.cancelled() => Err(Broken::Aborted),
+                read = stdout.read_buf(replies) => match read {
+                    Ok(0) | Err(_) => Err(Broken::Gone),
+                    Ok(_) => Ok(true),
+                },
+                written = stdin.write(out.get(out_pos..).unwrap_or_default()), if stdin_open && out_pos < out.len() => {
+                    match written {
+                        Ok(n) if n > 0 => {
+                            out_pos += n;
+                            if out_pos >= out.len() {
+                                out.clear();
+                                out_pos = 0;
+                            }
+                        }
+                        // Its stdin is closed: it is exiting, and its stdout says how.
+                        _ => stdin_open = false,
+                    }
+                    Ok(false)
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => Err(Broken::TimedOut),
+            };
+            match event {
+                Ok(false) => {}
+                Ok(true) => {
+                    let answered = settle_replies(worker, &mut self.hand, &mut started);
+                    encoded -= answered.count;
+                    if answered.count > 0 {
+                        self.deaths = 0;
+                        pool.deaths_in_a_row.store(0, Ordering::Relaxed);
+                    }
+                    if let Err(broken) = answered.result {
+                        break broken;
+                    }
+                    if pool.take_into(&mut self.hand) && encoded == 0 {
+                        worker.turn_of(self.hand.front());
+                    }
+                }
+                Err(broken) => break broken,
+            }
         };
-        // The worker failed the entry: it is replaced, whatever state it is in.
+        self.broke(broken, started).await;
+    }
+
+    /// The worker failed the job it was handling (or shutdown aborted everything): it is
+    /// replaced, whatever state it is in, and the jobs behind that one go back to the pool.
+    async fn broke(&mut self, broken: Broken, started: Instant) {
         let Some(worker) = self.worker.take() else {
-            return report(outcome, Vec::new(), started);
+            return;
         };
         let tail = worker.tail.clone();
-        let status = worker.stop(pool.cmd.kill_grace, false).await;
-        let outcome = match (outcome, status) {
-            (Outcome::WorkerLost(what), Some(status)) => {
+        let status = worker.stop(self.pool.cmd.kill_grace, false).await;
+        let gone = |what: String| match status {
+            Some(status) => {
                 Outcome::WorkerLost(format!("{what} ({})", handler::outcome_of(status).reason()))
             }
-            (outcome, _) => outcome,
+            None => Outcome::WorkerLost(what),
         };
-        if outcome != Outcome::Aborted {
-            self.died(pool, &outcome.reason());
-        }
+        let outcome = match broken {
+            Broken::Aborted => {
+                for job in self.hand.drain(..) {
+                    job.finish(Outcome::Aborted, Vec::new(), started);
+                }
+                return;
+            }
+            Broken::Gone => gone("worker exited".to_owned()),
+            Broken::Protocol(message) => gone(format!("worker protocol error: {message}")),
+            Broken::TimedOut => Outcome::TimedOut(self.pool.cmd.timeout),
+        };
+        self.died(&outcome.reason());
         let stderr = std::mem::take(&mut *lock(&tail)).into_vec();
-        report(outcome, stderr, started)
+        if let Some(job) = self.hand.pop_front() {
+            job.finish(outcome, stderr, started);
+        }
+        self.pool.requeue(&mut self.hand);
     }
 
     /// A worker that exited while idle is replaced before it is given an entry, so the
     /// entry does not pay for it.
-    async fn reap_if_exited(&mut self, pool: &WorkerPool) {
+    async fn reap_if_exited(&mut self) {
         let Some(worker) = self.worker.as_mut() else {
             return;
         };
         if let Ok(Some(status)) = worker.child.try_wait() {
             let reason = handler::outcome_of(status).reason();
             if let Some(worker) = self.worker.take() {
-                worker.stop(pool.cmd.kill_grace, false).await;
+                worker.stop(self.pool.cmd.kill_grace, false).await;
             }
-            self.died(pool, &format!("exited while idle ({reason})"));
+            self.died(&format!("exited while idle ({reason})"));
         }
     }
 
-    fn died(&mut self, pool: &WorkerPool, why: &str) {
+    fn died(&mut self, why: &str) {
         self.deaths = self.deaths.saturating_add(1);
         let doublings = self.deaths.saturating_sub(1).min(16);
         let delay = RESTART_BACKOFF_MIN
             .saturating_mul(1 << doublings)
             .min(RESTART_BACKOFF_MAX);
         self.not_before = Instant::now() + delay;
-        let stream = &pool.who.stream;
-        if self.deaths >= CRASH_LOOP_DEATHS {
-            tracing::error!(%stream, worker = self.index, deaths = self.deaths, %why, restart_in = ?delay, "worker keeps dying; restarting with backoff");
+        let stream = &self.pool.who.stream;
+        let in_a_row = self
+            .pool
+            .deaths_in_a_row
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if in_a_row >= CRASH_LOOP_DEATHS {
+            tracing::error!(%stream, worker = self.index, deaths = in_a_row, %why, restart_in = ?delay, "worker keeps dying; restarting with backoff");
         } else {
             tracing::warn!(%stream, worker = self.index, %why, restart_in = ?delay, "worker lost; it will be restarted");
         }
     }
 }
 
-impl Worker {
-    /// Writes one request and reads one reply line.
-    async fn exchange(&mut self, inv: &Invocation<'_>, payload: &[u8]) -> Result<Reply, Broken> {
-        let header = format!("{} {} {}\n", inv.id, inv.attempt, payload.len());
-        let written = async {
-            if payload.len() <= SINGLE_WRITE_BYTES {
-                // One write, so the worker wakes once with the whole request.
-                let mut frame = Vec::with_capacity(header.len() + payload.len() + 1);
-                frame.extend_from_slice(header.as_bytes());
-                frame.extend_from_slice(payload);
-                frame.push(b'\n');
-                self.stdin.write_all(&frame).await?;
-            } else {
-                self.stdin.write_all(header.as_bytes()).await?;
-                self.stdin.write_all(payload).await?;
-                self.stdin.write_all(b"\n").await?;
-            }
-            self.stdin.flush().await
+/// What [`settle_replies`] did.
+struct Answered {
+    /// Jobs settled (taken off the front of the hand).
+    count: usize,
+    result: Result<(), Broken>,
+}
+
+/// Settles one job per complete reply line in `worker.replies`, in order. A reply that
+/// cannot be parsed leaves its job at the front of `hand` and breaks the exchange.
+fn settle_replies(
+    worker: &mut Worker,
+    hand: &mut VecDeque<Job>,
+    started: &mut Instant,
+) -> Answered {
+    let mut count = 0;
+    let mut consumed = 0;
+    let mut result = Ok(());
+    while let Some(end) = worker
+        .replies
+        .get(consumed..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+    {
+        let line = worker
+            .replies
+            .get(consumed..=consumed + end)
+            .unwrap_or_default();
+        consumed += end + 1;
+        let Some(job) = hand.pop_front() else {
+            result = Err(Broken::Protocol(
+                "a reply with no request outstanding".to_owned(),
+            ));
+            break;
         };
-        if written.await.is_err() {
-            return Err(Broken::Gone);
-        }
-        let mut line = Vec::new();
-        let limit = (MAX_REPLY_BYTES + 1) as u64;
-        let read = (&mut self.stdout)
-            .take(limit)
-            .read_until(b'\n', &mut line)
-            .await;
-        match read {
-            Err(_) | Ok(0) => Err(Broken::Gone),
-            Ok(_) if line.last() != Some(&b'\n') => {
-                if line.len() > MAX_REPLY_BYTES {
-                    Err(Broken::Protocol(format!(
-                        "reply line longer than {MAX_REPLY_BYTES} bytes"
-                    )))
-                } else {
-                    // A partial line, then end of file.
-                    Err(Broken::Gone)
-                }
+        let outcome = match parse_reply(line) {
+            Ok(Reply::Ok) => Outcome::Success,
+            Ok(Reply::Fail(reason)) => Outcome::Failed(reason),
+            Ok(Reply::Dlq(reason)) => Outcome::Rejected(reason),
+            Err(message) => {
+                hand.push_front(job);
+                result = Err(Broken::Protocol(message));
+                break;
             }
-            Ok(_) => parse_reply(&line).map_err(Broken::Protocol),
+        };
+        let stderr = if outcome == Outcome::Success {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *lock(&worker.tail)).into_vec()
+        };
+        count += 1;
+        job.finish(outcome, stderr, *started);
+        *started = Instant::now();
+        worker.turn_of(hand.front());
+    }
+    worker.replies.drain(..consumed);
+    if result.is_ok() && worker.replies.len() > MAX_REPLY_BYTES {
+        result = Err(Broken::Protocol(format!(
+            "reply line longer than {MAX_REPLY_BYTES} bytes"
+        )));
+    }
+    Answered { count, result }
+}
+
+impl Worker {
+    /// `job` is now the one the worker is handling: stderr lines name it, and the stderr
+    /// tail kept for the DLQ starts afresh.
+    fn turn_of(&self, job: Option<&Job>) {
+        let mut current = lock(&self.current);
+        match (current.as_mut(), job) {
+            (Some(id), Some(job)) => id.clone_from(&job.id),
+            (None, Some(job)) => *current = Some(job.id.clone()),
+            (_, None) => *current = None,
         }
+        drop(current);
+        *lock(&self.tail) = StderrTail::default();
     }
 
     /// Ends the worker and reaps it. `polite`: close stdin first and give it `grace` to
@@ -458,14 +734,6 @@ async fn log_stderr(
         }
     }
     lines.finish(&mut emit);
-}
-
-fn report(outcome: Outcome, stderr_tail: Vec<u8>, started: Instant) -> Report {
-    Report {
-        outcome,
-        stderr_tail,
-        elapsed: started.elapsed(),
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
