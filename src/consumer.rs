@@ -227,6 +227,9 @@ impl Drop for InFlight {
 /// One stream's consume loop, ready to run.
 pub struct StreamLoop {
     shared: Arc<Shared>,
+    /// Entries this stream may have in flight: `max_block_read` handlers in exec mode;
+    /// in worker mode sized by the pool.
+    slots: Arc<Semaphore>,
     /// Commands on this loop's own connection, used only for the blocking read.
     reader: StreamCommands,
     retry_rx: mpsc::UnboundedReceiver<Retry>,
@@ -278,6 +281,11 @@ impl StreamLoop {
                 shutdown.abort_token().clone(),
             )),
         };
+        let slots = match &executor {
+            Executor::Exec(_) => Arc::new(Semaphore::new(cfg.max_block_read)),
+            // Worker mode sizes its slots to what its workers can take (see `worker`).
+            Executor::Worker(pool) => pool.slots(),
+        };
         let shared = Arc::new(Shared {
             cfg,
             executor,
@@ -291,6 +299,7 @@ impl StreamLoop {
         });
         StreamLoop {
             shared,
+            slots,
             reader,
             retry_rx,
             acker_task,
@@ -342,9 +351,7 @@ impl StreamLoop {
             max_block_read = cfg.max_block_read,
             "consume loop started"
         );
-        // In worker mode each worker may hold `worker_prefetch` entries.
-        let slot_count = cfg.max_block_read * cfg.worker_prefetch;
-        let slots = Arc::new(Semaphore::new(slot_count));
+        let slots = self.slots.clone();
         let mut tasks = JoinSet::new();
         let mut retries = RetryQueue::default();
         // Some(cursor) while we are still working through our own pending list.
@@ -394,7 +401,7 @@ impl StreamLoop {
                 permits.push(more);
             }
             if self.batches_reads() && !tasks.is_empty() {
-                gather_slots(&slots, &mut permits, slot_count.div_ceil(2)).await;
+                gather_slots(&slots, &mut permits, self.slot_count().div_ceil(2)).await;
             }
 
             self.start_due_retries(&mut retries, &mut permits, &mut tasks);
@@ -501,6 +508,14 @@ impl StreamLoop {
     /// there, reading at once is better.
     fn batches_reads(&self) -> bool {
         matches!(self.shared.executor, Executor::Worker(_))
+    }
+
+    /// How many permits `slots` has in all, free or held.
+    fn slot_count(&self) -> usize {
+        match &self.shared.executor {
+            Executor::Exec(_) => self.shared.cfg.max_block_read,
+            Executor::Worker(pool) => pool.slot_count(),
+        }
     }
 
     /// Whether the reader reconnected since the last call.

@@ -50,7 +50,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -87,11 +87,11 @@ pub struct Job {
 }
 
 impl Job {
-    fn finish(self, outcome: Outcome, stderr_tail: Vec<u8>, started: Instant) {
+    fn finish(self, outcome: Outcome, stderr_tail: Vec<u8>, elapsed: Duration) {
         (self.done)(Report {
             outcome,
             stderr_tail,
-            elapsed: started.elapsed(),
+            elapsed,
         });
     }
 
@@ -117,6 +117,15 @@ struct PoolShared {
     who: PoolIdentity,
     /// Most entries a driver holds at once (the one being handled included).
     prefetch: usize,
+    workers: usize,
+    /// The consume loop's slots (entries this stream may have in flight): resized to
+    /// `workers * depth` as the depth changes.
+    slots: Arc<Semaphore>,
+    /// How many entries a busy driver may hold now, `1..=prefetch` (see [`Budget`]).
+    depth: AtomicUsize,
+    /// Permits `slots` has in all (free or held), mirrored from `budget` for cheap reads.
+    slot_count: AtomicUsize,
+    budget: Mutex<Budget>,
     queue: Mutex<VecDeque<Job>>,
     /// Wakes an idle driver: a job was queued.
     queued: Notify,
@@ -130,6 +139,21 @@ struct PoolShared {
     /// The daemon's abort (second signal or shutdown_timeout): stop handling at once.
     abort: CancellationToken,
 }
+
+/// How many entries the pool takes ahead of its workers. A worker that answers in
+/// microseconds needs several requests in its pipe to never wait for the daemon; one that
+/// takes seconds should hold nothing back from other consumers. So the depth follows the
+/// workers' measured time per entry: entries waiting behind the one being handled add up
+/// to at most about [`PREFETCH_WINDOW`] of work, and never more than `worker_prefetch`.
+struct Budget {
+    /// Moving average of the time a worker takes per entry.
+    service: Duration,
+    /// Permits `slots` has in all (free or held).
+    slots: usize,
+}
+
+/// Work a worker may have waiting behind the entry it handles (see [`Budget`]).
+const PREFETCH_WINDOW: Duration = Duration::from_millis(5);
 
 /// One worker position: the process when it runs, its restart state, and the jobs it
 /// holds.
@@ -188,10 +212,19 @@ impl WorkerPool {
         prefetch: usize,
         abort: CancellationToken,
     ) -> Self {
+        // Until the workers have answered, assume they are slow: one entry each.
         let shared = Arc::new(PoolShared {
             cmd,
             who,
             prefetch: prefetch.max(1),
+            workers,
+            slots: Arc::new(Semaphore::new(workers)),
+            depth: AtomicUsize::new(1),
+            slot_count: AtomicUsize::new(workers),
+            budget: Mutex::new(Budget {
+                service: PREFETCH_WINDOW * 2,
+                slots: workers,
+            }),
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
             idle: AtomicUsize::new(0),
@@ -220,10 +253,21 @@ impl WorkerPool {
         }
     }
 
+    /// The stream's slots: how many entries may be in flight. Starts at one per worker
+    /// and grows while workers answer fast (see [`Budget`]).
+    pub fn slots(&self) -> Arc<Semaphore> {
+        self.shared.slots.clone()
+    }
+
+    /// How many permits [`WorkerPool::slots`] has in all, free or held.
+    pub fn slot_count(&self) -> usize {
+        self.shared.slot_count.load(Ordering::Relaxed)
+    }
+
     /// Queues an entry for the next free worker.
     pub fn submit(&self, job: Job) {
         if self.shared.stopping.is_cancelled() {
-            job.finish(Outcome::Aborted, Vec::new(), Instant::now());
+            job.finish(Outcome::Aborted, Vec::new(), Duration::ZERO);
             return;
         }
         lock(&self.shared.queue).push_back(job);
@@ -247,7 +291,7 @@ impl WorkerPool {
             tracing::info!(stream = %self.shared.who.stream, entries = left.len(), "entries not started by a worker stay pending");
         }
         for job in left {
-            job.finish(Outcome::Aborted, Vec::new(), Instant::now());
+            job.finish(Outcome::Aborted, Vec::new(), Duration::ZERO);
         }
     }
 }
@@ -261,7 +305,7 @@ impl PoolShared {
             return false;
         }
         let limit = if self.idle.load(Ordering::Relaxed) == 0 {
-            self.prefetch
+            self.depth.load(Ordering::Relaxed)
         } else {
             1
         };
@@ -284,6 +328,34 @@ impl PoolShared {
             self.queued.notify_one();
         }
         took
+    }
+
+    /// Folds `answered` entries that took `busy` in all into the service time, and
+    /// resizes the depth and the slots to match.
+    fn observe(&self, answered: usize, busy: Duration) {
+        let Ok(n) = u32::try_from(answered) else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        let mut budget = lock(&self.budget);
+        budget.service = (budget.service * 7 + busy / n) / 8;
+        let ahead = PREFETCH_WINDOW.as_nanos() / budget.service.as_nanos().max(1);
+        let depth = usize::try_from(ahead)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1)
+            .min(self.prefetch);
+        self.depth.store(depth, Ordering::Relaxed);
+        let target = self.workers.saturating_mul(depth);
+        if target > budget.slots {
+            self.slots.add_permits(target - budget.slots);
+            budget.slots = target;
+        } else if target < budget.slots {
+            // Only free permits can be taken away; the rest go on later calls.
+            budget.slots -= self.slots.forget_permits(budget.slots - target);
+        }
+        self.slot_count.store(budget.slots, Ordering::Relaxed);
     }
 
     /// Puts `hand` back at the front of the queue, in order, for other workers.
@@ -419,7 +491,7 @@ impl Driver {
                     job.finish(
                         Outcome::SpawnFailed(error.to_string()),
                         Vec::new(),
-                        Instant::now(),
+                        Duration::ZERO,
                     );
                 }
                 self.pool.requeue(&mut self.hand);
@@ -489,6 +561,7 @@ impl Driver {
                     if answered.count > 0 {
                         self.deaths = 0;
                         pool.deaths_in_a_row.store(0, Ordering::Relaxed);
+                        pool.observe(answered.count, answered.busy);
                     }
                     if let Err(broken) = answered.result {
                         break broken;
@@ -520,7 +593,7 @@ impl Driver {
         let outcome = match broken {
             Broken::Aborted => {
                 for job in self.hand.drain(..) {
-                    job.finish(Outcome::Aborted, Vec::new(), started);
+                    job.finish(Outcome::Aborted, Vec::new(), started.elapsed());
                 }
                 return;
             }
@@ -530,8 +603,12 @@ impl Driver {
         };
         self.died(&outcome.reason());
         let stderr = std::mem::take(&mut *lock(&tail)).into_vec();
+        let elapsed = started.elapsed();
+        if matches!(outcome, Outcome::TimedOut(_)) {
+            self.pool.observe(1, elapsed);
+        }
         if let Some(job) = self.hand.pop_front() {
-            job.finish(outcome, stderr, started);
+            job.finish(outcome, stderr, elapsed);
         }
         self.pool.requeue(&mut self.hand);
     }
@@ -576,6 +653,8 @@ impl Driver {
 struct Answered {
     /// Jobs settled (taken off the front of the hand).
     count: usize,
+    /// Their handling times, summed.
+    busy: Duration,
     result: Result<(), Broken>,
 }
 
@@ -587,6 +666,7 @@ fn settle_replies(
     started: &mut Instant,
 ) -> Answered {
     let mut count = 0;
+    let mut busy = Duration::ZERO;
     let mut consumed = 0;
     let mut result = Ok(());
     while let Some(end) = worker
@@ -621,8 +701,11 @@ fn settle_replies(
             std::mem::take(&mut *lock(&worker.tail)).into_vec()
         };
         count += 1;
-        job.finish(outcome, stderr, *started);
-        *started = Instant::now();
+        let now = Instant::now();
+        let took = now.saturating_duration_since(*started);
+        busy += took;
+        job.finish(outcome, stderr, took);
+        *started = now;
         worker.turn_of(hand.front());
     }
     worker.replies.drain(..consumed);
@@ -631,7 +714,11 @@ fn settle_replies(
             "reply line longer than {MAX_REPLY_BYTES} bytes"
         )));
     }
-    Answered { count, result }
+    Answered {
+        count,
+        busy,
+        result,
+    }
 }
 
 impl Worker {
@@ -743,6 +830,171 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use tokio::sync::mpsc;
+
+    /// Generous: the machine may be busy.
+    const DEADLINE: Duration = Duration::from_secs(120);
+
+    /// A python worker that parses requests from raw reads (no read-ahead of its own to
+    /// hide what the daemon sent), appends `<id> <bytes already waiting behind it>` to
+    /// `$OUT` for each, exits 3 on the payload `die`, and replies `ok` otherwise.
+    const PY_WORKER: &str = r#"
+import os
+buf = b""
+out = open(os.environ["OUT"], "a")
+while True:
+    while b"\n" not in buf:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            raise SystemExit(0)
+        buf += chunk
+    header, buf = buf.split(b"\n", 1)
+    ident, attempt, length = header.split()
+    while len(buf) < int(length) + 1:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            raise SystemExit(0)
+        buf += chunk
+    payload, buf = buf[:int(length)], buf[int(length) + 1:]
+    out.write("%s %d\n" % (ident.decode(), len(buf)))
+    out.flush()
+    if payload == b"die":
+        os._exit(3)
+    os.write(1, b"ok\n")
+"#;
+
+    fn pool(argv: &[&str], out: &Path, workers: usize, prefetch: usize) -> WorkerPool {
+        let cmd = HandlerCommand {
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: vec![("OUT".to_owned(), out.to_string_lossy().into_owned())],
+            timeout: Duration::from_secs(60),
+            kill_grace: Duration::from_secs(5),
+        };
+        let who = PoolIdentity {
+            stream: "s".into(),
+            group: "g".into(),
+            consumer: "c".into(),
+        };
+        WorkerPool::new(cmd, who, workers, prefetch, CancellationToken::new())
+    }
+
+    /// Submits one job per payload; their reports arrive on the receiver as (id, outcome).
+    fn submit_all(
+        pool: &WorkerPool,
+        payloads: &[(String, &'static [u8])],
+        reports: &mpsc::UnboundedSender<(String, Outcome)>,
+    ) {
+        for (id, payload) in payloads {
+            let (tx, id2) = (reports.clone(), id.clone());
+            pool.submit(Job {
+                id: id.clone(),
+                attempt: 1,
+                payload: Bytes::from_static(payload),
+                done: Box::new(move |report| {
+                    let _ = tx.send((id2, report.outcome));
+                }),
+            });
+        }
+    }
+
+    async fn collect(
+        rx: &mut mpsc::UnboundedReceiver<(String, Outcome)>,
+        n: usize,
+    ) -> Vec<(String, Outcome)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            match tokio::time::timeout(DEADLINE, rx.recv()).await {
+                Ok(Some(report)) => got.push(report),
+                other => panic!("{} of {n} reports, then {other:?}", got.len()),
+            }
+        }
+        got
+    }
+
+    fn ids(prefix: &str, n: usize) -> Vec<(String, &'static [u8])> {
+        (0..n)
+            .map(|i| (format!("{prefix}-{i}"), &b"x"[..]))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fast_worker_gets_entries_ahead_and_a_death_costs_only_its_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("seen");
+        let pool = pool(&["python3", "-c", PY_WORKER], &out, 1, 8);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+
+        // Answers in well under a millisecond: the pool takes entries ahead.
+        submit_all(&pool, &ids("warm", 300), &tx);
+        let warm = collect(&mut rx, 300).await;
+        assert!(warm.iter().all(|(_, o)| *o == Outcome::Success), "{warm:?}");
+        assert!(
+            pool.slot_count() > 1,
+            "slots did not grow: {}",
+            pool.slot_count()
+        );
+
+        // `die` with entries written behind it: only `die` fails; the others are handed to
+        // the restarted worker and succeed, each run exactly once.
+        let mut batch = vec![("die".to_owned(), &b"die"[..])];
+        batch.extend(ids("after", 20));
+        submit_all(&pool, &batch, &tx);
+        let got = collect(&mut rx, 21).await;
+        let (die, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(|(id, _)| id == "die");
+        assert_eq!(
+            die,
+            vec![(
+                "die".to_owned(),
+                Outcome::WorkerLost("worker exited (exit code 3)".into())
+            )]
+        );
+        assert_eq!(rest.len(), 20);
+        assert!(rest.iter().all(|(_, o)| *o == Outcome::Success), "{rest:?}");
+        pool.shutdown().await;
+        assert!(rx.try_recv().is_err(), "a job was reported twice");
+
+        let seen = std::fs::read_to_string(&out).expect("worker output");
+        let die_line = seen
+            .lines()
+            .find(|l| l.starts_with("die "))
+            .expect("die was seen");
+        assert_ne!(
+            die_line, "die 0",
+            "nothing was written behind `die`: {seen}"
+        );
+        for i in 0..20 {
+            let n = seen
+                .lines()
+                .filter(|l| l.starts_with(&format!("after-{i} ")))
+                .count();
+            assert_eq!(n, 1, "after-{i} handled {n} times:\n{seen}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_workers_take_nothing_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("seen");
+        let script = "while IFS=' ' read -r id attempt len; do \
+                      dd bs=1 count=$((len + 1)) >/dev/null 2>&1; sleep 0.2; \
+                      echo \"$REDIS_STREAMD_WORKER $id\" >> \"$OUT\"; echo ok; done";
+        let pool = pool(&["sh", "-c", script], &out, 2, 8);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        submit_all(&pool, &ids("slow", 6), &tx);
+        let got = collect(&mut rx, 6).await;
+        assert!(got.iter().all(|(_, o)| *o == Outcome::Success), "{got:?}");
+        // 200 ms per entry is far over the prefetch window: one entry per worker.
+        assert_eq!(pool.slot_count(), 2);
+        let seen = std::fs::read_to_string(&out).expect("worker output");
+        for worker in ["0 ", "1 "] {
+            assert!(
+                seen.lines().any(|l| l.starts_with(worker)),
+                "worker {worker}had nothing to do:\n{seen}"
+            );
+        }
+        pool.shutdown().await;
+    }
 
     #[test]
     fn replies() {

@@ -283,3 +283,94 @@ async fn hung_worker_times_out_and_is_killed_with_its_group() {
     })
     .await;
 }
+
+/// A python worker for [`entries_behind_a_dying_worker_keep_their_attempt`]: parses
+/// requests from raw reads, logs `<id> <attempt>` to `$D/seen`, dies (exit 3) on the
+/// payload `die` at its first attempt, and replies `ok` otherwise.
+const PY_DYING_WORKER: &str = r#"#!/usr/bin/env python3
+import os
+buf = b""
+seen = open(os.path.join(os.environ["D"], "seen"), "a")
+def fill(n):
+    global buf
+    while len(buf) < n:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            raise SystemExit(0)
+        buf += chunk
+while True:
+    while b"\n" not in buf:
+        fill(len(buf) + 1)
+    header, buf = buf.split(b"\n", 1)
+    ident, attempt, length = header.decode().split()
+    fill(int(length) + 1)
+    payload, buf = buf[:int(length)], buf[int(length) + 1:]
+    seen.write("%s %s\n" % (ident, attempt))
+    seen.flush()
+    if payload == b"die" and attempt == "1":
+        os._exit(3)
+    os.write(1, b"ok\n")
+"#;
+
+/// Entries the daemon wrote to a worker behind one that kills it go to the next worker
+/// with the attempt number they had: only the entry in hand pays for the death.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_behind_a_dying_worker_keep_their_attempt() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = work.path().join("dying.py");
+    let tmp = work.path().join(".dying.py.tmp");
+    fs::write(&tmp, PY_DYING_WORKER).expect("write worker");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    fs::rename(&tmp, &script).expect("rename worker");
+    let c = TestClient::connect(&redis.url()).await;
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let payload: &[u8] = if i == 250 { b"die" } else { b"ok" };
+        ids.push(c.xadd("pipe", &[("payload", payload)]).await);
+    }
+    let die = ids[250].clone();
+    let cfg = config(
+        &redis.url(),
+        &worker_table(
+            "pipe",
+            &script,
+            &format!(
+                "max_block_read = 1\nmax_attempts = 2\nenv = {{ D = \"{}\" }}",
+                work.path().display()
+            ),
+        ),
+    );
+    let d = Daemon::start(&cfg);
+    let last = ids.last().cloned().unwrap_or_default();
+    let (cr, lr) = (&c, last.as_str());
+    d.wait_until(LONG, "all 400 acked", || async move {
+        cr.all_acked_through("pipe", "workers", lr).await
+            && cr.pending_count("pipe", "workers").await == 0
+    })
+    .await;
+    assert_eq!(c.xlen("pipe:dlq").await, 0, "{}", d.log_tail());
+    let seen = read_lines(&work.path().join("seen"));
+    let mut runs: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for line in &seen {
+        let (id, attempt) = line.split_once(' ').expect("id attempt");
+        runs.entry(id).or_default().push(attempt);
+    }
+    for id in &ids {
+        let expected: &[&str] = if *id == die { &["1", "2"] } else { &["1"] };
+        assert_eq!(
+            runs.get(id.as_str()).map(Vec::as_slice),
+            Some(expected),
+            "runs of {id}"
+        );
+    }
+    assert_eq!(
+        d.log().matches("worker lost").count(),
+        1,
+        "{}",
+        d.log_tail()
+    );
+}
