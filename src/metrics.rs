@@ -139,7 +139,7 @@ impl Metrics {
         );
         registry.register(
             "handlers_in_flight",
-            "Handler processes running now",
+            "Entries being handled now (worker mode: handed to workers, prefetched included)",
             in_flight.clone(),
         );
         registry.register(

@@ -175,6 +175,13 @@ struct Worker {
     registration: OwnChild<'static>,
     pgid: Option<Pid>,
     stdin: ChildStdin,
+    /// False once a write failed: the worker closed its stdin (it is exiting).
+    stdin_open: bool,
+    /// Request bytes not written yet; `written` of them are. Kept with the worker, not
+    /// the exchange, so a frame is never cut short (a worker that replies before reading
+    /// its request can end an exchange early).
+    requests: Vec<u8>,
+    written: usize,
     stdout: ChildStdout,
     /// Bytes read from stdout that are not a whole reply line yet.
     replies: Vec<u8>,
@@ -412,6 +419,9 @@ impl PoolShared {
             registration,
             pgid,
             stdin,
+            stdin_open: true,
+            requests: Vec::new(),
+            written: 0,
             stdout,
             replies: Vec::new(),
             tail,
@@ -507,27 +517,33 @@ impl Driver {
         let Some(worker) = self.worker.as_mut() else {
             return;
         };
-        // Request bytes not yet written, and how many jobs of `hand` they cover.
-        let mut out: Vec<u8> = Vec::new();
-        let mut out_pos = 0usize;
+        // How many jobs at the front of `hand` have their requests in `worker.requests`.
         let mut encoded = 0usize;
-        let mut stdin_open = true;
         let mut started = Instant::now();
         worker.turn_of(self.hand.front());
+        let mut deadline = started + pool.cmd.timeout;
+        let timer = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(timer);
         let broken = loop {
             while let Some(job) = self.hand.get(encoded) {
-                job.encode(&mut out);
+                job.encode(&mut worker.requests);
                 encoded += 1;
             }
             if self.hand.is_empty() {
                 return;
             }
-            let deadline = started + pool.cmd.timeout;
+            if started + pool.cmd.timeout != deadline {
+                deadline = started + pool.cmd.timeout;
+                timer.as_mut().reset(deadline.into());
+            }
             worker.replies.reserve(READ_CHUNK);
             let Worker {
                 stdin,
+                stdin_open,
                 stdout,
                 replies,
+                requests,
+                written,
                 ..
             } = &mut *worker;
             let event = tokio::select! {
@@ -537,21 +553,21 @@ impl Driver {
                     Ok(0) | Err(_) => Err(Broken::Gone),
                     Ok(_) => Ok(true),
                 },
-                written = stdin.write(out.get(out_pos..).unwrap_or_default()), if stdin_open && out_pos < out.len() => {
-                    match written {
+                n = stdin.write(requests.get(*written..).unwrap_or_default()), if *stdin_open && *written < requests.len() => {
+                    match n {
                         Ok(n) if n > 0 => {
-                            out_pos += n;
-                            if out_pos >= out.len() {
-                                out.clear();
-                                out_pos = 0;
+                            *written += n;
+                            if *written >= requests.len() {
+                                requests.clear();
+                                *written = 0;
                             }
                         }
                         // Its stdin is closed: it is exiting, and its stdout says how.
-                        _ => stdin_open = false,
+                        _ => *stdin_open = false,
                     }
                     Ok(false)
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => Err(Broken::TimedOut),
+                _ = &mut timer => Err(Broken::TimedOut),
             };
             match event {
                 Ok(false) => {}
