@@ -134,7 +134,7 @@ struct PoolShared {
     /// Worker deaths since any worker of the pool last answered: a crash loop shows here
     /// even when the deaths are spread over several workers.
     deaths_in_a_row: AtomicU32,
-    /// Set by [`WorkerPool::shutdown`]: take no new jobs, finish those in hand, stop.
+    /// Set by [`WorkerPool::shutdown`]: finish what is queued, then stop.
     stopping: CancellationToken,
     /// The daemon's abort (second signal or shutdown_timeout): stop handling at once.
     abort: CancellationToken,
@@ -281,10 +281,12 @@ impl WorkerPool {
         self.shared.queued.notify_one();
     }
 
-    /// Stops taking entries, lets every worker finish the ones in hand (unless the abort
-    /// token fires), then stops the workers: end of file on stdin, then SIGTERM/SIGKILL to
-    /// the process group if one has not exited within `kill_grace`. Entries still queued
-    /// are reported `Aborted`: they stay pending for the next start.
+    /// Lets the workers finish every entry handed to the pool, the queued ones too (by
+    /// design a few milliseconds of work, see [`Budget`]), unless the abort token fires;
+    /// then stops the workers: end of file on stdin, then SIGTERM/SIGKILL to the process
+    /// group if one has not exited within `kill_grace`. Entries no live worker could take
+    /// are reported `Aborted`: they stay pending for the next start. Call after the last
+    /// [`WorkerPool::submit`].
     pub async fn shutdown(&self) {
         self.shared.stopping.cancel();
         let drivers = std::mem::take(&mut *lock(&self.drivers));
@@ -308,7 +310,7 @@ impl PoolShared {
     /// is busy takes up to `prefetch` in all, but only while no other driver is idle (an
     /// idle worker runs the entry sooner than a busy one). Returns whether it took any.
     fn take_into(&self, hand: &mut VecDeque<Job>) -> bool {
-        if self.stopping.is_cancelled() {
+        if self.abort.is_cancelled() {
             return false;
         }
         let limit = if self.idle.load(Ordering::Relaxed) == 0 {
@@ -438,6 +440,10 @@ impl Driver {
                 break;
             }
             if !self.ensure_worker().await {
+                if self.pool.stopping.is_cancelled() {
+                    // No worker to finish with; live ones take what is queued.
+                    break;
+                }
                 continue;
             }
             self.exchange().await;
@@ -448,11 +454,12 @@ impl Driver {
         }
     }
 
-    /// Waits until a job is in hand. `false`: the pool is stopping.
+    /// Waits until a job is in hand. `false`: the pool is stopping and its queue is empty,
+    /// or shutdown is aborting.
     async fn wait_for_job(&mut self) -> bool {
         let pool = self.pool.clone();
         loop {
-            if pool.stopping.is_cancelled() || pool.abort.is_cancelled() {
+            if pool.abort.is_cancelled() {
                 return false;
             }
             let notified = pool.queued.notified();
@@ -461,6 +468,9 @@ impl Driver {
             notified.as_mut().enable();
             if pool.take_into(&mut self.hand) {
                 return true;
+            }
+            if pool.stopping.is_cancelled() {
+                return false;
             }
             pool.idle.fetch_add(1, Ordering::Relaxed);
             tokio::select! {
@@ -881,6 +891,16 @@ while True:
 "#;
 
     fn pool(argv: &[&str], out: &Path, workers: usize, prefetch: usize) -> WorkerPool {
+        pool_with_abort(argv, out, workers, prefetch, CancellationToken::new())
+    }
+
+    fn pool_with_abort(
+        argv: &[&str],
+        out: &Path,
+        workers: usize,
+        prefetch: usize,
+        abort: CancellationToken,
+    ) -> WorkerPool {
         let cmd = HandlerCommand {
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             env: vec![("OUT".to_owned(), out.to_string_lossy().into_owned())],
@@ -892,7 +912,7 @@ while True:
             group: "g".into(),
             consumer: "c".into(),
         };
-        WorkerPool::new(cmd, who, workers, prefetch, CancellationToken::new())
+        WorkerPool::new(cmd, who, workers, prefetch, abort)
     }
 
     /// Submits one job per payload; their reports arrive on the receiver as (id, outcome).
@@ -986,6 +1006,42 @@ while True:
                 .count();
             assert_eq!(n, 1, "after-{i} handled {n} times:\n{seen}");
         }
+    }
+
+    /// A graceful stop runs what the pool has taken, queued entries included: reading
+    /// them again at the next start would cost them an attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_finishes_queued_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("seen");
+        let pool = pool(&["python3", "-c", PY_WORKER], &out, 1, 8);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        submit_all(&pool, &ids("warm", 100), &tx);
+        collect(&mut rx, 100).await;
+        submit_all(&pool, &ids("last", 50), &tx);
+        tokio::time::timeout(DEADLINE, pool.shutdown())
+            .await
+            .expect("shutdown in time");
+        let got = collect(&mut rx, 50).await;
+        assert!(got.iter().all(|(_, o)| *o == Outcome::Success), "{got:?}");
+    }
+
+    /// The abort (second signal, shutdown_timeout) does not wait for anything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_stops_workers_and_reports_every_entry_aborted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("seen");
+        let abort = CancellationToken::new();
+        let script = "while IFS=' ' read -r id attempt len; do sleep 1000; done";
+        let pool = pool_with_abort(&["sh", "-c", script], &out, 2, 8, abort.clone());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        submit_all(&pool, &ids("stuck", 5), &tx);
+        abort.cancel();
+        tokio::time::timeout(DEADLINE, pool.shutdown())
+            .await
+            .expect("shutdown in time");
+        let got = collect(&mut rx, 5).await;
+        assert!(got.iter().all(|(_, o)| *o == Outcome::Aborted), "{got:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
