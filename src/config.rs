@@ -67,7 +67,7 @@ pub enum PayloadMode {
 pub enum HandlerMode {
     /// A fresh process per entry attempt (the default).
     Exec,
-    /// `max_block_read` long-lived processes fed one entry at a time (see `worker`).
+    /// `max_block_read` long-lived processes fed entries over a pipe (see `worker`).
     Worker,
 }
 
