@@ -948,6 +948,16 @@ while True:
         got
     }
 
+    fn assert_all(got: &[(String, Outcome)], outcome: &Outcome) {
+        assert!(got.iter().all(|(_, o)| o == outcome), "{got:?}");
+    }
+
+    async fn shutdown_in_time(pool: &WorkerPool) {
+        tokio::time::timeout(DEADLINE, pool.shutdown())
+            .await
+            .expect("shutdown in time");
+    }
+
     fn ids(prefix: &str, n: usize) -> Vec<(String, &'static [u8])> {
         (0..n)
             .map(|i| (format!("{prefix}-{i}"), &b"x"[..]))
@@ -964,7 +974,7 @@ while True:
         // Answers in well under a millisecond: the pool takes entries ahead.
         submit_all(&pool, &ids("warm", 300), &tx);
         let warm = collect(&mut rx, 300).await;
-        assert!(warm.iter().all(|(_, o)| *o == Outcome::Success), "{warm:?}");
+        assert_all(&warm, &Outcome::Success);
         assert!(
             pool.slot_count() > 1,
             "slots did not grow: {}",
@@ -986,7 +996,7 @@ while True:
             )]
         );
         assert_eq!(rest.len(), 20);
-        assert!(rest.iter().all(|(_, o)| *o == Outcome::Success), "{rest:?}");
+        assert_all(&rest, &Outcome::Success);
         pool.shutdown().await;
         assert!(rx.try_recv().is_err(), "a job was reported twice");
 
@@ -1019,11 +1029,9 @@ while True:
         submit_all(&pool, &ids("warm", 100), &tx);
         collect(&mut rx, 100).await;
         submit_all(&pool, &ids("last", 50), &tx);
-        tokio::time::timeout(DEADLINE, pool.shutdown())
-            .await
-            .expect("shutdown in time");
+        shutdown_in_time(&pool).await;
         let got = collect(&mut rx, 50).await;
-        assert!(got.iter().all(|(_, o)| *o == Outcome::Success), "{got:?}");
+        assert_all(&got, &Outcome::Success);
     }
 
     /// The abort (second signal, shutdown_timeout) does not wait for anything.
@@ -1037,11 +1045,9 @@ while True:
         let (tx, mut rx) = mpsc::unbounded_channel();
         submit_all(&pool, &ids("stuck", 5), &tx);
         abort.cancel();
-        tokio::time::timeout(DEADLINE, pool.shutdown())
-            .await
-            .expect("shutdown in time");
+        shutdown_in_time(&pool).await;
         let got = collect(&mut rx, 5).await;
-        assert!(got.iter().all(|(_, o)| *o == Outcome::Aborted), "{got:?}");
+        assert_all(&got, &Outcome::Aborted);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1055,7 +1061,7 @@ while True:
         let (tx, mut rx) = mpsc::unbounded_channel();
         submit_all(&pool, &ids("slow", 6), &tx);
         let got = collect(&mut rx, 6).await;
-        assert!(got.iter().all(|(_, o)| *o == Outcome::Success), "{got:?}");
+        assert_all(&got, &Outcome::Success);
         // 200 ms per entry is far over the prefetch window: one entry per worker.
         assert_eq!(pool.slot_count(), 2);
         let seen = std::fs::read_to_string(&out).expect("worker output");
