@@ -306,9 +306,9 @@ impl WorkerPool {
 }
 
 impl PoolShared {
-    /// Moves queued jobs into `hand`. A driver with nothing in hand takes one; one that
-    /// is busy takes up to `prefetch` in all, but only while no other driver is idle (an
-    /// idle worker runs the entry sooner than a busy one). Returns whether it took any.
+    /// Moves queued jobs into `hand`: up to the current depth (see [`Budget`]) while no
+    /// other driver is idle, otherwise one, and only into an empty hand (an idle worker
+    /// runs an entry sooner than a busy one's pipe). Returns whether it took any.
     fn take_into(&self, hand: &mut VecDeque<Job>) -> bool {
         if self.abort.is_cancelled() {
             return false;
