@@ -1,10 +1,12 @@
-//! The consume loop: one per stream, with backpressure, one task per entry, and retries.
+//! The consume loop: one per stream, with backpressure, a task per entry (exec mode) or
+//! a hand-over to the worker pool (worker mode), and retries.
 //!
-//! Backpressure is a semaphore of `max_block_read` slots. A read asks for exactly as many
-//! entries as there are free slots (`max_block_read - in_flight`) and each entry's task
-//! holds its slot until its handler process has exited, so no more than `max_block_read`
-//! handlers of a stream ever run at once. With no free slot the loop does not read; it
-//! waits for a slot.
+//! Backpressure is a semaphore of slots: `max_block_read` in exec mode; in worker mode
+//! `max_block_read` times the pool's current prefetch depth (the pool resizes it, see
+//! `worker`). A read asks for exactly as many entries as there are free slots
+//! (`max_block_read - in_flight` in exec mode) and each entry holds its slot until its
+//! handler has finished with it, so no more than `max_block_read` handler processes of a
+//! stream ever run at once. With no free slot the loop does not read; it waits for one.
 //!
 //! A failed attempt does not hold a slot while it waits: the task reports the id and a due
 //! time back to the loop, which keeps a timer heap. When a retry is due the loop claims
