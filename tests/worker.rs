@@ -374,3 +374,54 @@ async fn entries_behind_a_dying_worker_keep_their_attempt() {
         d.log_tail()
     );
 }
+
+/// Slow workers take nothing ahead, whatever `worker_prefetch` allows: two daemons on one
+/// stream share its entries instead of the first one taking them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_workers_leave_entries_to_other_consumers() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = write_script(
+        work.path(),
+        "slow.sh",
+        &format!(
+            "while :; do\n{SH_READ}sleep 0.3\n\
+             echo \"$REDIS_STREAMD_CONSUMER $id\" >> \"$D/runs\"\necho ok\ndone"
+        ),
+    );
+    let c = TestClient::connect(&redis.url()).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(
+            c.xadd("slow", &[("payload", format!("{i}").as_bytes())])
+                .await,
+        );
+    }
+    let cfg = config(
+        &redis.url(),
+        &worker_table("slow", &script, "max_block_read = 2\nworker_prefetch = 32"),
+    );
+    let a = Daemon::start(&cfg);
+    let b = Daemon::start_with(
+        &cfg,
+        &["--log-level", "debug"],
+        &[("REDIS_STREAMD_CONSUMER", "other")],
+    );
+    let last = ids.last().cloned().unwrap_or_default();
+    let (cr, lr) = (&c, last.as_str());
+    a.wait_until(LONG, "all 30 acked", || async move {
+        cr.all_acked_through("slow", "workers", lr).await
+            && cr.pending_count("slow", "workers").await == 0
+    })
+    .await;
+    let runs = read_lines(&work.path().join("runs"));
+    assert_eq!(runs.len(), 30, "each entry once: {runs:?}");
+    for consumer in [CONSUMER, "other"] {
+        assert!(
+            runs.iter().any(|l| l.starts_with(&format!("{consumer} "))),
+            "{consumer} handled nothing: {runs:?}\n{}\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+    }
+}
