@@ -26,23 +26,16 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How often orphans are looked for even without a SIGCHLD (a signal can be coalesced
-/// with one tokio consumed for its own child, and scanning is cheap).
-const SCAN_EVERY: Duration = Duration::from_secs(5);
-
-/// The scan interval when no SIGCHLD listener can be installed.
-const SCAN_EVERY_WITHOUT_SIGNAL: Duration = Duration::from_secs(1);
-
-/// Minimum time between two scans: a burst of handler exits (one SIGCHLD each) causes one
-/// scan now and one after this gap, not one per exit. At full speed handlers exit
-/// thousands of times a second; reading every process's stat ten times a second cost the
-/// daemon measurable throughput (bench/), while an orphan waiting a second to be reaped
-/// costs nothing.
-const MIN_SCAN_GAP: Duration = Duration::from_secs(1);
+/// How often orphans are looked for. Not on SIGCHLD: at full speed handlers exit
+/// thousands of times a second, and a SIGCHLD handler costs every exit a signal delivery,
+/// a write to tokio's signal pipe and a task wake-up (tokio itself waits for its children
+/// through pidfds and needs no signal); scanning on every exit cost measurable throughput
+/// (bench/), while an orphan waiting a second to be reaped costs nothing. Each look is one
+/// `waitid` peek; `/proc` is read only when some child is a zombie.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Makes this process the child subreaper of its descendants (`PR_SET_CHILD_SUBREAPER`):
 /// orphans re-parent to us instead of to PID 1. Pair it with [`spawn_reaper`].
@@ -165,26 +158,13 @@ pub struct Reaped {
 /// has exited, so late orphans are still collected while handlers drain.
 pub fn spawn_reaper(stop: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut sigchld = match signal(SignalKind::child()) {
-            Ok(sigchld) => Some(sigchld),
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGCHLD; looking for orphaned processes every second instead");
-                None
-            }
-        };
-        let every = if sigchld.is_some() {
-            SCAN_EVERY
-        } else {
-            SCAN_EVERY_WITHOUT_SIGNAL
-        };
-        let mut ticks = tokio::time::interval(every);
+        let mut ticks = tokio::time::interval(SCAN_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut proc_error_logged = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = ticks.tick() => {}
-                Some(()) = recv_some(&mut sigchld) => {}
             }
             match tokio::task::spawn_blocking(|| reap_orphans(own_children())).await {
                 Ok(Ok(reaped)) => {
@@ -203,21 +183,8 @@ pub fn spawn_reaper(stop: CancellationToken) -> JoinHandle<()> {
                 }
                 Err(error) => tracing::error!(%error, "orphan reaper scan failed"),
             }
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(MIN_SCAN_GAP) => {}
-            }
         }
     })
-}
-
-/// Receives from the SIGCHLD stream, or never when there is none. `None` when the stream
-/// ended (cannot happen for tokio signals, but then the select simply skips this arm).
-async fn recv_some(sigchld: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match sigchld {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Reaps every exited child of this process whose pid is not in `own`. Blocking (reads
