@@ -105,13 +105,7 @@ async fn shell_example_worker_fails_are_retried_then_dead_lettered() {
         dead.get_str("dlq_reason").as_deref(),
         Some("payload asked to fail")
     );
-    let cr = &c;
-    let okr = ok.as_str();
-    d.wait_until(LONG, "nothing pending", || async move {
-        cr.all_acked_through("jobs", "workers", okr).await
-            && cr.pending_count("jobs", "workers").await == 0
-    })
-    .await;
+    d.wait_settled(&c, "jobs", "workers", &ok).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,13 +187,7 @@ async fn misbehaving_workers_fail_the_attempt_and_are_replaced() {
         &worker_table("bad", &script, "max_block_read = 1\nmax_attempts = 2"),
     );
     let d = Daemon::start(&cfg);
-    let cr = &c;
-    let last = ids[2].1.as_str();
-    d.wait_until(LONG, "all three acked after a retry", || async move {
-        cr.all_acked_through("bad", "workers", last).await
-            && cr.pending_count("bad", "workers").await == 0
-    })
-    .await;
+    d.wait_settled(&c, "bad", "workers", &ids[2].1).await;
     assert_eq!(c.xlen("bad:dlq").await, 0);
     let runs = read_lines(&work.path().join("runs"));
     assert_eq!(runs.len(), 6, "each entry ran twice: {runs:?}");
@@ -346,12 +334,7 @@ async fn entries_behind_a_dying_worker_keep_their_attempt() {
     );
     let d = Daemon::start(&cfg);
     let last = ids.last().cloned().unwrap_or_default();
-    let (cr, lr) = (&c, last.as_str());
-    d.wait_until(LONG, "all 400 acked", || async move {
-        cr.all_acked_through("pipe", "workers", lr).await
-            && cr.pending_count("pipe", "workers").await == 0
-    })
-    .await;
+    d.wait_settled(&c, "pipe", "workers", &last).await;
     assert_eq!(c.xlen("pipe:dlq").await, 0, "{}", d.log_tail());
     let seen = read_lines(&work.path().join("seen"));
     let mut runs: std::collections::HashMap<&str, Vec<&str>> = Default::default();
@@ -408,12 +391,7 @@ async fn slow_workers_leave_entries_to_other_consumers() {
         &[("REDIS_STREAMD_CONSUMER", "other")],
     );
     let last = ids.last().cloned().unwrap_or_default();
-    let (cr, lr) = (&c, last.as_str());
-    a.wait_until(LONG, "all 30 acked", || async move {
-        cr.all_acked_through("slow", "workers", lr).await
-            && cr.pending_count("slow", "workers").await == 0
-    })
-    .await;
+    a.wait_settled(&c, "slow", "workers", &last).await;
     let runs = read_lines(&work.path().join("runs"));
     assert_eq!(runs.len(), 30, "each entry once: {runs:?}");
     for consumer in [CONSUMER, "other"] {

@@ -747,6 +747,17 @@ impl Daemon {
         wait_until(deadline, what, Some(self), cond).await
     }
 
+    /// Waits until every entry of `stream` up to `last` was delivered to `group` and
+    /// nothing of the group is pending: all handled and acked (or dead-lettered).
+    pub async fn wait_settled(&self, c: &TestClient, stream: &str, group: &str, last: &str) {
+        let what = format!("{stream} settled through {last}");
+        self.wait_until(LONG, &what, || async move {
+            c.all_acked_through(stream, group, last).await
+                && c.pending_count(stream, group).await == 0
+        })
+        .await;
+    }
+
     /// Peak resident memory (VmHWM) of the daemon process, in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
