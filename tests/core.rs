@@ -33,10 +33,7 @@ async fn happy_path_handles_and_acks_every_entry() {
     let c = TestClient::connect(&redis.url()).await;
     let cr = &c;
     // start_id defaults to "$": only entries added after the group exists count.
-    d.wait_until(LONG, "daemon created group jobs/workers", || async move {
-        cr.group_exists("jobs", "workers").await
-    })
-    .await;
+    d.wait_group(cr, "jobs", "workers").await;
 
     let mut sent = Vec::new();
     for i in 0..20 {
@@ -275,10 +272,8 @@ async fn two_streams_run_independently() {
     let d = Daemon::start(&config(&redis.url(), &streams));
     let c = TestClient::connect(&redis.url()).await;
     let cr = &c;
-    d.wait_until(LONG, "both groups created", || async move {
-        cr.group_exists("stream-a", "ga").await && cr.group_exists("stream-b", "gb").await
-    })
-    .await;
+    d.wait_group(cr, "stream-a", "ga").await;
+    d.wait_group(cr, "stream-b", "gb").await;
 
     let a_id = c.xadd("stream-a", &[("payload", b"block")]).await;
     // A second entry on A waits behind the blocked one (max_block_read = 1).
@@ -337,10 +332,7 @@ async fn sigterm_on_idle_daemon_exits_zero() {
     let mut d = Daemon::start(&cfg);
     let c = TestClient::connect(&redis.url()).await;
     let cr = &c;
-    d.wait_until(LONG, "group created", || async move {
-        cr.group_exists("idle", "g").await
-    })
-    .await;
+    d.wait_group(cr, "idle", "g").await;
     // One handled entry proves the loop is up and reading (blocked in XREADGROUP now).
     let id = c.xadd("idle", &[("payload", b"x")]).await;
     let idr = id.as_str();

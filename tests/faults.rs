@@ -549,10 +549,7 @@ async fn long_handler_is_not_run_twice_by_a_second_daemon() {
     let a = Daemon::start(&config_as(&redis.url(), "worker-a", "10s", &streams));
     let b = Daemon::start(&config_as(&redis.url(), "worker-b", "10s", &streams));
     let cr = &c;
-    a.wait_until(LONG, "group created", || async move {
-        cr.group_exists("jobs", "g").await
-    })
-    .await;
+    a.wait_group(cr, "jobs", "g").await;
     let id = c.xadd("jobs", &[("payload", b"long")]).await;
 
     let done = work.path().join("done");
@@ -649,10 +646,7 @@ async fn group_destroyed_under_running_daemon_is_recreated() {
     let mut d = Daemon::start(&config_as(&redis.url(), CONSUMER, "10s", &streams));
     let c = TestClient::connect(&redis.url()).await;
     let cr = &c;
-    d.wait_until(LONG, "group created", || async move {
-        cr.group_exists("jobs", "g").await
-    })
-    .await;
+    d.wait_group(cr, "jobs", "g").await;
     let first = c.xadd("jobs", &[("payload", b"before")]).await;
     let done = work.path().join("done");
     let (doner, firstr) = (done.as_path(), first.as_str());

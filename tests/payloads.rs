@@ -197,10 +197,7 @@ async fn handler_flooding_stdout_is_acked_and_daemon_survives() {
     let mut d = Daemon::start_with(&cfg, &["--log-level", "warn"], &[]);
     let c = TestClient::connect(&redis.url()).await;
     let cr = &c;
-    d.wait_until(LONG, "group created", || async move {
-        cr.group_exists("flood", "g").await
-    })
-    .await;
+    d.wait_group(cr, "flood", "g").await;
     let id = c.xadd("flood", &[("payload", b"go")]).await;
     let (idr, dir) = (id.as_str(), work.path());
     d.wait_until(

@@ -615,10 +615,8 @@ async fn signal_and_spawn_failure_reasons() {
     let d = Daemon::start(&config(&redis.url(), &streams));
     let c = TestClient::connect(&redis.url()).await;
     let cr = &c;
-    d.wait_until(LONG, "groups created", || async move {
-        cr.group_exists("sig", "g").await && cr.group_exists("gone", "g").await
-    })
-    .await;
+    d.wait_group(cr, "sig", "g").await;
+    d.wait_group(cr, "gone", "g").await;
     fs::remove_file(&vanishing).unwrap();
     let sig_id = c.xadd("sig", &[("payload", b"x")]).await;
     let gone_id = c.xadd("gone", &[("payload", b"x")]).await;

@@ -747,15 +747,19 @@ impl Daemon {
         wait_until(deadline, what, Some(self), cond).await
     }
 
-    /// Waits until every entry of `stream` up to `last` was delivered to `group` and
-    /// nothing of the group is pending: all handled and acked (or dead-lettered).
+    /// Waits until [`TestClient::all_acked_through`] `last`: every entry up to it was
+    /// delivered to `group` and nothing is pending (handled and acked, or dead-lettered).
     pub async fn wait_settled(&self, c: &TestClient, stream: &str, group: &str, last: &str) {
         let what = format!("{stream} settled through {last}");
-        self.wait_until(LONG, &what, || async move {
-            c.all_acked_through(stream, group, last).await
-                && c.pending_count(stream, group).await == 0
-        })
-        .await;
+        self.wait_until(LONG, &what, || c.all_acked_through(stream, group, last))
+            .await;
+    }
+
+    /// Waits until the daemon has created `group` on `stream`.
+    pub async fn wait_group(&self, c: &TestClient, stream: &str, group: &str) {
+        let what = format!("group {group} on {stream} created");
+        self.wait_until(LONG, &what, || c.group_exists(stream, group))
+            .await;
     }
 
     /// Peak resident memory (VmHWM) of the daemon process, in KiB.
