@@ -381,6 +381,23 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// Measures the daemon and its ceiling back to back, daemon first in even runs and
+/// ceiling first in odd ones, so a drift in machine load does not favour one side. Both
+/// futures are lazy: nothing runs until it is awaited here.
+async fn alternating<D, C>(
+    run: usize,
+    daemon: impl Future<Output = Result<D>>,
+    ceiling: impl Future<Output = Result<C>>,
+) -> Result<(D, C)> {
+    if run.is_multiple_of(2) {
+        let d = daemon.await?;
+        Ok((d, ceiling.await?))
+    } else {
+        let c = ceiling.await?;
+        Ok((daemon.await?, c))
+    }
+}
+
 fn list(values: &[f64], decimals: usize) -> String {
     values
         .iter()
@@ -455,14 +472,12 @@ async fn throughput(opts: &Opts, n: usize, handler: &[&str], label: &str) -> Res
     let mut rows: Vec<[f64; 5]> = Vec::new();
     for run in 0..opts.runs {
         let dir = run_dir(opts, &format!("s1-{run}"))?;
-        // Alternate the order so a drift in machine load does not favour one side.
-        let ((d, _, dcpu), (c, ccpu)) = if run % 2 == 0 {
-            let d = daemon_throughput(opts, &dir, 1, n, &handler, mbr, poll).await?;
-            (d, spawn_ceiling(opts, n, mbr, &handler)?)
-        } else {
-            let c = spawn_ceiling(opts, n, mbr, &handler)?;
-            (daemon_throughput(opts, &dir, 1, n, &handler, mbr, poll).await?, c)
-        };
+        let ((d, _, dcpu), (c, ccpu)) = alternating(
+            run,
+            daemon_throughput(opts, &dir, 1, n, &handler, mbr, poll),
+            async { spawn_ceiling(opts, n, mbr, &handler) },
+        )
+        .await?;
         let (dus, cus) = (dcpu * 1e6 / n as f64, ccpu * 1e6 / n as f64);
         eprintln!(
             "   1 {label} run {}: daemon {d:.0}/s ceiling {c:.0}/s ratio {:.3} | own CPU per entry: daemon {dus:.0} us, ceiling {cus:.0} us",
@@ -654,13 +669,12 @@ async fn latency(opts: &Opts, count: usize, rate: u64) -> Result<String> {
     let mut figures: Vec<[f64; 9]> = Vec::new();
     for run in 0..opts.runs {
         let dir = run_dir(opts, &format!("s2-{run}"))?;
-        let (r, floor) = if run % 2 == 0 {
-            let r = latency_run(opts, &dir, count, rate).await?;
-            (r, spawn_floor(opts, &dir, count, rate)?)
-        } else {
-            let floor = spawn_floor(opts, &dir, count, rate)?;
-            (latency_run(opts, &dir, count, rate).await?, floor)
-        };
+        let (r, floor) = alternating(
+            run,
+            latency_run(opts, &dir, count, rate),
+            async { spawn_floor(opts, &dir, count, rate) },
+        )
+        .await?;
         let f = [
             percentile(&r.start_ms, 0.5),
             percentile(&r.start_ms, 0.99),
@@ -725,13 +739,12 @@ async fn fan_in(opts: &Opts, n: usize, streams: usize, mbr: usize) -> Result<Str
     for run in 0..opts.runs {
         let dir = run_dir(opts, &format!("s3-{run}"))?;
         let poll = Duration::from_millis(20);
-        let ((d, hwm, _), (c, _)) = if run % 2 == 0 {
-            let d = daemon_throughput(opts, &dir, streams, n, &handler, mbr, poll).await?;
-            (d, spawn_ceiling(opts, n, concurrency, &handler)?)
-        } else {
-            let c = spawn_ceiling(opts, n, concurrency, &handler)?;
-            (daemon_throughput(opts, &dir, streams, n, &handler, mbr, poll).await?, c)
-        };
+        let ((d, hwm, _), (c, _)) = alternating(
+            run,
+            daemon_throughput(opts, &dir, streams, n, &handler, mbr, poll),
+            async { spawn_ceiling(opts, n, concurrency, &handler) },
+        )
+        .await?;
         let (idle1, anon1) = idle_rss(opts, &dir, 1).await?;
         let (idle_n, anon_n) = idle_rss(opts, &dir, streams).await?;
         eprintln!(
@@ -850,13 +863,12 @@ async fn worker(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
     let mut rows: Vec<[f64; 5]> = Vec::new();
     for run in 0..opts.runs {
         let dir = run_dir(opts, &format!("s4-{mbr}-{run}"))?;
-        let ((d, dcpu), (c, ccpu)) = if run % 2 == 0 {
-            let d = worker_throughput(opts, &dir, n, mbr).await?;
-            (d, redis_ceiling(opts, &dir, n).await?)
-        } else {
-            let c = redis_ceiling(opts, &dir, n).await?;
-            (worker_throughput(opts, &dir, n, mbr).await?, c)
-        };
+        let ((d, dcpu), (c, ccpu)) = alternating(
+            run,
+            worker_throughput(opts, &dir, n, mbr),
+            redis_ceiling(opts, &dir, n),
+        )
+        .await?;
         let (dus, cus) = (dcpu * 1e6 / n as f64, ccpu * 1e6 / n as f64);
         eprintln!(
             "   4 max_block_read {mbr} run {}: daemon {d:.0}/s redis ceiling {c:.0}/s ratio {:.3} | own CPU per entry: daemon {dus:.1} us, ceiling {cus:.1} us",
