@@ -13,13 +13,7 @@ use common::*;
 async fn happy_path_handles_and_acks_every_entry() {
     let redis = RedisServer::start();
     let work = workdir();
-    let out = work.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let script = write_script(
-        work.path(),
-        "save.sh",
-        "cat > \"$D/out/$REDIS_STREAMD_ID.tmp\" && mv \"$D/out/$REDIS_STREAMD_ID.tmp\" \"$D/out/$REDIS_STREAMD_ID.in\"",
-    );
+    let (out, script) = saving_handler(work.path());
     let cfg = config(
         &redis.url(),
         &stream_table(

@@ -9,16 +9,12 @@ use std::time::Duration;
 
 use common::*;
 
-const SAVE_STDIN: &str = "cat > \"$D/out/$REDIS_STREAMD_ID.tmp\" && mv \"$D/out/$REDIS_STREAMD_ID.tmp\" \"$D/out/$REDIS_STREAMD_ID.in\"";
-
 /// Every byte value, a 16 MiB payload and an empty one arrive on stdin byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_and_16mib_payloads_reach_stdin_byte_exact() {
     let redis = RedisServer::start();
     let work = workdir();
-    let out = work.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let script = write_script(work.path(), "save.sh", SAVE_STDIN);
+    let (out, script) = saving_handler(work.path());
     let c = TestClient::connect(&redis.url()).await;
 
     let all_bytes = all_byte_values(4);
@@ -249,9 +245,7 @@ async fn handler_flooding_stdout_is_acked_and_daemon_survives() {
 async fn entry_mode_json_and_non_utf8_goes_to_dlq() {
     let redis = RedisServer::start();
     let work = workdir();
-    let out = work.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let script = write_script(work.path(), "save.sh", SAVE_STDIN);
+    let (out, script) = saving_handler(work.path());
     let c = TestClient::connect(&redis.url()).await;
 
     let good_fields: Vec<(&str, &[u8])> = vec![

@@ -993,6 +993,17 @@ pub async fn wait_until<F, Fut>(
 // Handler scripts, files, config text
 // ---------------------------------------------------------------------------------------
 
+/// A handler body that saves its stdin as `$D/out/<id>.in` (written to a temporary name
+/// and renamed, so a file that exists is complete).
+pub const SAVE_STDIN: &str = "cat > \"$D/out/$REDIS_STREAMD_ID.tmp\" && mv \"$D/out/$REDIS_STREAMD_ID.tmp\" \"$D/out/$REDIS_STREAMD_ID.in\"";
+
+/// Creates `dir/out` and a handler `dir/save.sh` running [`SAVE_STDIN`]; returns both.
+pub fn saving_handler(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = dir.join("out");
+    fs::create_dir(&out).expect("create out dir");
+    (out, write_script(dir, "save.sh", SAVE_STDIN))
+}
+
 /// Writes an executable `sh` script `dir/name`; the body sees `$D` = `dir`.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
