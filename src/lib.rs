@@ -1,36 +1,23 @@
-//! redis-streamd: one consume loop per Redis stream, one handler process per entry.
+//! redis-streamd: one consume loop per Redis stream, one handler process per entry (or a
+//! pool of long-lived workers).
 //!
 //! The binary (`main.rs`) only parses the command line and maps errors to exit codes;
 //! everything it runs lives in these modules so the loops can be driven from tests.
+//! README.md's "Architecture" section describes how one entry flows through them.
 //!
-//! - [`config`]: the TOML schema, defaults and validation.
-//! - [`daemon`]: connections, one loop per stream, shutdown order.
-//! - [`consumer`]: the consume loop: backpressure, entry tasks, retries.
-//! - [`handler`]: handler processes: spawn, stdin, output, timeouts, process groups.
-//! - [`payload`]: what a handler reads on stdin.
-//! - [`ack`] and [`dlq`]: settling entries in Redis.
-//! - [`redis`]: fred clients and stream command replies.
-//! - [`shutdown`] and [`signals`]: the two-stage stop.
-//! - [`worker`]: long-lived handler processes (`mode = "worker"`).
-//! - [`metrics`]: Prometheus metrics and the health endpoints.
-//! - [`notify`]: systemd readiness, status and watchdog.
-//! - [`reaper`]: reaping orphaned grandchildren (child subreaper, PID 1 in containers).
-//! - [`logging`]: text or JSON log lines.
+//! - [`config`]: the TOML schema, defaults, validation and locating keys for errors.
+//! - [`supervisor`]: connections, one loop per stream, reload, shutdown order.
+//! - [`stream`]: the consume loop: reads, slots, settling (ack / retry / dead-letter),
+//!   recovery of pending entries, ack batching, the DLQ and the payload.
+//! - [`exec`]: handler processes: per-entry runs and the worker pool.
+//! - [`redis`]: fred clients, stream commands and reply decoding.
+//! - [`ops`]: signals and shutdown, reaper, sd_notify, metrics and health, logging.
 
-pub mod ack;
 pub mod config;
-pub mod consumer;
-pub mod daemon;
-pub mod dlq;
-pub mod handler;
-pub mod logging;
-pub mod metrics;
-pub mod notify;
-pub mod payload;
-pub mod reaper;
+pub mod exec;
+pub mod ops;
 pub mod redis;
-pub mod shutdown;
-pub mod signals;
+pub(crate) mod stream;
+pub mod supervisor;
 #[cfg(test)]
 mod test_support;
-pub mod worker;

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use redis_streamd::config::{Config, REDIS_URL_ENV};
-use redis_streamd::daemon::{self, DaemonError};
-use redis_streamd::logging::{self, LogFormat};
+use redis_streamd::ops::logging::{self, LogFormat};
+use redis_streamd::ops::shutdown::Shutdown;
+use redis_streamd::ops::{reaper, signals};
 use redis_streamd::redis::RedisError;
-use redis_streamd::shutdown::Shutdown;
-use redis_streamd::{reaper, signals};
+use redis_streamd::supervisor::{self, DaemonError};
 use tokio_util::sync::CancellationToken;
 
 /// sysexits.h: a configuration error. systemd units use it with RestartPreventExitStatus.
@@ -94,7 +94,7 @@ fn main() -> ExitCode {
         }
         let reaper_stop = CancellationToken::new();
         let reaper_task = reaper::spawn_reaper(reaper_stop.clone());
-        let result = daemon::run(config, shutdown, reload_rx).await;
+        let result = supervisor::run(config, shutdown, reload_rx).await;
         reaper_stop.cancel();
         let _ = reaper_task.await;
         match result {

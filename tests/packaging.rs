@@ -145,7 +145,7 @@ fn units_have_the_required_settings() {
         // and SIGKILL after KILL_GRACE, then the final acks. systemd must not SIGKILL
         // the daemon before that.
         let stop = timespan(get("TimeoutStopSec"));
-        let needed = default_shutdown_timeout + redis_streamd::consumer::KILL_GRACE;
+        let needed = default_shutdown_timeout + redis_streamd::exec::KILL_GRACE;
         assert!(
             stop > needed,
             "{path}: TimeoutStopSec {stop:?} <= {needed:?}"

@@ -280,7 +280,7 @@ mod tests {
             .unwrap();
         // 300 ms watchdog: pings every 150 ms.
         let child = run_child(
-            "notify::tests::notify_child",
+            "ops::notify::tests::notify_child",
             &[
                 ("NOTIFY_SOCKET", path.to_str().unwrap()),
                 ("WATCHDOG_USEC", "300000"),
@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn no_socket_means_no_op() {
         check_child(run_child(
-            "notify::tests::no_socket_child",
+            "ops::notify::tests::no_socket_child",
             &[("WATCHDOG_USEC", "300000")],
         ));
     }

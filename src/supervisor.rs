@@ -15,11 +15,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, REDIS_URL_ENV, StreamConfig};
-use crate::consumer::{LoopHooks, StreamLoop};
-use crate::metrics::{self, Health, Metrics};
-use crate::notify::{self, Liveness};
+use crate::ops::metrics::{self, Health, Metrics};
+use crate::ops::notify::{self, Liveness};
+use crate::ops::shutdown::Shutdown;
 use crate::redis::{self, RedisError};
-use crate::shutdown::Shutdown;
+use crate::stream::{LoopHooks, StreamLoop};
 
 /// How often the systemd status line (in-flight and settled counts) is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);

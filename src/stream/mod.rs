@@ -16,6 +16,10 @@
 //! On start the loop first re-reads its own pending list (id `0`), so a restarted daemon
 //! with the same consumer name finishes what it had before it reads new entries.
 
+pub(crate) mod ack;
+pub(crate) mod dlq;
+pub(crate) mod payload;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -27,19 +31,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ack::Acker;
 use crate::config::{HandlerMode, StreamConfig};
-use crate::dlq::{self, Failure};
-use crate::handler::{self, HandlerCommand, Invocation, Outcome, Report};
-use crate::metrics::{Health, StreamMetrics};
-use crate::notify::Liveness;
-use crate::payload;
+use crate::exec::handler::{self, HandlerCommand, Invocation, Outcome, Report};
+use crate::exec::worker::{Job, PoolIdentity, WorkerPool};
+use crate::ops::metrics::{Health, StreamMetrics};
+use crate::ops::notify::Liveness;
+use crate::ops::shutdown::Shutdown;
 use crate::redis::{Entry, RedisError, StreamCommands};
-use crate::shutdown::Shutdown;
-use crate::worker::{Job, PoolIdentity, WorkerPool};
-
-/// Time between SIGTERM and SIGKILL for a handler's process group.
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
+use crate::stream::ack::Acker;
+use crate::stream::dlq::Failure;
 
 /// How many of our own pending entries one scan for lost deliveries looks at.
 const LOST_SCAN_ROWS: usize = 1000;
@@ -267,7 +267,7 @@ impl StreamLoop {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             timeout: cfg.handler_timeout,
-            kill_grace: KILL_GRACE,
+            kill_grace: crate::exec::KILL_GRACE,
         };
         let executor = match cfg.mode {
             HandlerMode::Exec => Executor::Exec(Arc::new(handler)),

@@ -303,7 +303,7 @@ mod tests {
         assert!(!own.contains(11));
     }
 
-    const SUBREAPER_CHILD: &str = "reaper::tests::subreaper_child";
+    const SUBREAPER_CHILD: &str = "ops::reaper::tests::subreaper_child";
 
     /// Becoming a subreaper changes the whole process (and orphans would pile up in the
     /// test runner), so the real test runs alone in a child process: this test binary.

@@ -54,8 +54,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{self, HandlerCommand, LineSplitter, Outcome, Report, StderrTail};
-use crate::reaper::{self, OwnChild};
+use crate::exec::handler::{self, HandlerCommand, LineSplitter, Outcome, Report, StderrTail};
+use crate::ops::reaper::{self, OwnChild};
 
 /// Longest reply line accepted, newline included.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::shutdown::Shutdown;
+use crate::ops::shutdown::Shutdown;
 
 /// Starts listening. The returned task ends once shutdown has reached the abort stage.
 pub fn listen(

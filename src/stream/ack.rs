@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::metrics::StreamMetrics;
+use crate::ops::metrics::StreamMetrics;
 use crate::redis::StreamCommands;
 
 /// Largest number of ids in one XACK.

@@ -188,7 +188,7 @@ pub async fn run(
 
     let started = Instant::now();
     // Registered so the orphan reaper (PID 1 / subreaper) never takes this child's status.
-    let (mut child, registration) = match crate::reaper::own_children().spawn(&mut command) {
+    let (mut child, registration) = match crate::ops::reaper::own_children().spawn(&mut command) {
         Ok(spawned) => spawned,
         Err(err) => {
             tracing::debug!(
@@ -943,7 +943,7 @@ mod tests {
     #[tokio::test]
     async fn environment_strips_systemd_vars() {
         run_test_in_child(
-            "handler::tests::env_child_strips_systemd_vars",
+            "exec::handler::tests::env_child_strips_systemd_vars",
             &[
                 ("NOTIFY_SOCKET", "/run/systemd/notify"),
                 ("WATCHDOG_USEC", "30000000"),
@@ -1105,7 +1105,7 @@ mod tests {
     /// see events of callsites that other test threads registered concurrently.
     #[tokio::test]
     async fn output_lines_are_logged_with_fields() {
-        run_test_in_child("handler::tests::logs_child_output_lines", &[]).await;
+        run_test_in_child("exec::handler::tests::logs_child_output_lines", &[]).await;
     }
 
     /// Does its work only inside `output_lines_are_logged_with_fields`'s child process.

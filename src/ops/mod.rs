@@ -1,0 +1,9 @@
+//! Running as a service: signals and the two-stage shutdown, reaping orphans, systemd
+//! notifications, metrics and health endpoints, and log output.
+
+pub mod logging;
+pub(crate) mod metrics;
+pub(crate) mod notify;
+pub mod reaper;
+pub mod shutdown;
+pub mod signals;
