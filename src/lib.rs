@@ -11,10 +11,14 @@
 //!   recovery of pending entries, ack batching, the DLQ and the payload.
 //! - [`exec`]: handler processes: per-entry runs and the worker pool.
 //! - [`redis`]: fred clients, stream commands and reply decoding.
+//! - [`backoff`] and [`identity`]: the one retry backoff and the one (stream, group,
+//!   consumer) type, shared by all of the above.
 //! - [`ops`]: signals and shutdown, reaper, sd_notify, metrics and health, logging.
 
+pub(crate) mod backoff;
 pub mod config;
 pub mod exec;
+pub(crate) mod identity;
 pub mod ops;
 pub mod redis;
 pub(crate) mod stream;

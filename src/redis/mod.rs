@@ -19,7 +19,9 @@ use fred::prelude::{
 use fred::types::{ClientUnblockFlag, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::RedisConfig;
+use crate::identity::Consumer;
 
 /// Errors from talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -92,9 +94,8 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
         RedisError::Url(format!("{} ({:?})", cfg.redacted_url(), e.kind()))
     })?;
     let started = Instant::now();
-    let mut next_delay = Duration::from_millis(100);
+    let mut backoff = Backoff::redis();
     loop {
-        let delay = next_delay;
         let client = Builder::from_config(fred_config.clone())
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             // Each client's event channels are allocated up front; we listen to two,
@@ -120,6 +121,7 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
                         last: e.to_string(),
                     });
                 }
+                let delay = backoff.fail();
                 let delay = left.map_or(delay, |left| delay.min(left));
                 tracing::warn!(
                     redis = %cfg.redacted_url(),
@@ -131,7 +133,6 @@ pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Clie
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => return Err(RedisError::Stopped),
                 }
-                next_delay = (next_delay * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -175,26 +176,20 @@ pub fn watch_connection(
 #[derive(Clone)]
 pub struct StreamCommands {
     client: Client,
-    pub stream: String,
-    pub group: String,
-    pub consumer: String,
+    /// The consumer these commands act as.
+    pub(crate) who: Consumer,
 }
 
 impl StreamCommands {
-    pub fn new(client: Client, stream: &str, group: &str, consumer: &str) -> Self {
-        StreamCommands {
-            client,
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-            consumer: consumer.to_owned(),
-        }
+    pub(crate) fn new(client: Client, who: Consumer) -> Self {
+        StreamCommands { client, who }
     }
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group is fine. Returns true if created.
     pub async fn ensure_group(&self, start_id: &str) -> Result<bool, RedisError> {
         let created: Result<Value, FredError> = self
             .client
-            .xgroup_create(&self.stream, &self.group, start_id, true)
+            .xgroup_create(&self.who.stream, &self.who.group, start_id, true)
             .await;
         match created {
             Ok(_) => Ok(true),
@@ -215,12 +210,12 @@ impl StreamCommands {
         let reply: Value = self
             .client
             .xreadgroup(
-                &self.group,
-                &self.consumer,
+                &self.who.group,
+                &self.who.name,
                 Some(count as u64),
                 block_ms,
                 false,
-                &self.stream,
+                &self.who.stream,
                 id,
             )
             .await?;
@@ -256,7 +251,10 @@ impl StreamCommands {
     /// The entry `id` read with XRANGE (no effect on the pending list). `fields` is
     /// `None` when it was deleted from the stream.
     pub async fn entry(&self, id: &str) -> Result<Entry, RedisError> {
-        let reply: Value = self.client.xrange(&self.stream, id, id, Some(1)).await?;
+        let reply: Value = self
+            .client
+            .xrange(&self.who.stream, id, id, Some(1))
+            .await?;
         let found = parse_entries(reply, "XRANGE")?.into_iter().next();
         Ok(found.unwrap_or_else(|| Entry {
             id: id.to_owned(),
@@ -270,7 +268,7 @@ impl StreamCommands {
             .await
             .is_err()
         {
-            tracing::debug!(stream = %self.stream, "redis connection did not close in time");
+            tracing::debug!(stream = %self.who.stream, "redis connection did not close in time");
         }
     }
 
@@ -278,7 +276,7 @@ impl StreamCommands {
     pub async fn ack(&self, ids: &[String]) -> Result<u64, RedisError> {
         Ok(self
             .client
-            .xack(&self.stream, &self.group, ids.to_vec())
+            .xack(&self.who.stream, &self.who.group, ids.to_vec())
             .await?)
     }
 
@@ -286,7 +284,7 @@ impl StreamCommands {
     pub async fn pending_entry(&self, id: &str) -> Result<Option<PendingEntry>, RedisError> {
         let reply: Value = self
             .client
-            .xpending(&self.stream, &self.group, (id, id, 1))
+            .xpending(&self.who.stream, &self.who.group, (id, id, 1))
             .await?;
         Ok(parse_pending_reply(reply)?.into_iter().next())
     }
@@ -301,9 +299,9 @@ impl StreamCommands {
         let reply: Value = self
             .client
             .xpending(
-                &self.stream,
-                &self.group,
-                (start, end, count as u64, self.consumer.as_str()),
+                &self.who.stream,
+                &self.who.group,
+                (start, end, count as u64, self.who.name.as_str()),
             )
             .await?;
         parse_pending_reply(reply)
@@ -332,9 +330,9 @@ impl StreamCommands {
         Ok(self
             .client
             .xclaim(
-                &self.stream,
-                &self.group,
-                &self.consumer,
+                &self.who.stream,
+                &self.who.group,
+                &self.who.name,
                 min_idle.as_millis() as u64,
                 ids,
                 None,
@@ -367,9 +365,9 @@ impl StreamCommands {
         let reply: Value = self
             .client
             .xautoclaim(
-                &self.stream,
-                &self.group,
-                &self.consumer,
+                &self.who.stream,
+                &self.who.group,
+                &self.who.name,
                 min_idle.as_millis() as u64,
                 cursor,
                 Some(count as u64),
@@ -383,7 +381,7 @@ impl StreamCommands {
     /// tell (it may not after trims or deletions; Redis 6.2 has no lag at all).
     pub async fn group_stats(&self) -> Result<Option<(u64, Option<u64>)>, RedisError> {
         const CMD: &str = "XINFO GROUPS";
-        let reply: Value = self.client.xinfo_groups(&self.stream).await?;
+        let reply: Value = self.client.xinfo_groups(&self.who.stream).await?;
         for row in rows_of_pairs(reply, CMD)? {
             let mut name = None;
             let (mut pending, mut lag) = (0, None);
@@ -395,7 +393,7 @@ impl StreamCommands {
                     _ => {}
                 }
             }
-            if name.as_deref() == Some(self.group.as_str()) {
+            if name.as_deref() == Some(self.who.group.as_str()) {
                 return Ok(Some((pending, lag)));
             }
         }
@@ -406,7 +404,7 @@ impl StreamCommands {
     pub async fn consumers(&self) -> Result<Vec<ConsumerInfo>, RedisError> {
         let reply: Value = self
             .client
-            .xinfo_consumers(&self.stream, &self.group)
+            .xinfo_consumers(&self.who.stream, &self.who.group)
             .await?;
         parse_consumers_reply(reply)
     }
@@ -415,7 +413,7 @@ impl StreamCommands {
     pub async fn delete_consumer(&self, name: &str) -> Result<u64, RedisError> {
         Ok(self
             .client
-            .xgroup_delconsumer(&self.stream, &self.group, name)
+            .xgroup_delconsumer(&self.who.stream, &self.who.group, name)
             .await?)
     }
 
@@ -429,7 +427,7 @@ impl StreamCommands {
     ) -> Result<(), RedisError> {
         let tx = self.client.multi();
         let _: Value = tx.xadd(dlq, false, None::<()>, "*", fields).await?;
-        let _: Value = tx.xack(&self.stream, &self.group, id).await?;
+        let _: Value = tx.xack(&self.who.stream, &self.who.group, id).await?;
         let _: Value = tx.exec(true).await?;
         Ok(())
     }

@@ -7,11 +7,11 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::ops::metrics::StreamMetrics;
 use crate::redis::StreamCommands;
 
@@ -82,12 +82,12 @@ async fn ack_loop(
                 Err(_) => break,
             }
         }
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::redis();
         loop {
             // Boxed: the XACK future is large and the task spends its life idle.
             match Box::pin(cmds.ack(&batch)).await {
                 Ok(_) => {
-                    tracing::debug!(stream = %cmds.stream, count = batch.len(), "acked");
+                    tracing::debug!(stream = %cmds.who.stream, count = batch.len(), "acked");
                     metrics.acked(batch.len() as u64);
                     let mut set = unconfirmed.set();
                     for id in batch.drain(..) {
@@ -96,15 +96,15 @@ async fn ack_loop(
                     break;
                 }
                 Err(error) => {
+                    let delay = backoff.fail();
                     tracing::warn!(
-                        stream = %cmds.stream,
+                        stream = %cmds.who.stream,
                         count = batch.len(),
                         %error,
                         retry_in = ?delay,
                         "XACK failed; keeping the ids and retrying"
                     );
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

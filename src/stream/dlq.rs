@@ -4,11 +4,12 @@
 //! `dlq_*` fields below. It is written together with the XACK of the source entry in one
 //! MULTI/EXEC, so an entry is never both dead-lettered and still pending.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::redis::{Entry, StreamCommands};
 
 /// Why and after how much effort an entry is being dead-lettered.
@@ -31,10 +32,10 @@ pub fn dlq_fields(cmds: &StreamCommands, entry: &Entry, failure: &Failure) -> Ve
         .unwrap_or(0);
     let mut fields = entry.fields.clone().unwrap_or_default();
     let meta: [(&'static str, Bytes); 8] = [
-        ("dlq_source_stream", Bytes::from(cmds.stream.clone())),
+        ("dlq_source_stream", Bytes::from(cmds.who.stream.clone())),
         ("dlq_source_id", Bytes::from(entry.id.clone())),
-        ("dlq_group", Bytes::from(cmds.group.clone())),
-        ("dlq_consumer", Bytes::from(cmds.consumer.clone())),
+        ("dlq_group", Bytes::from(cmds.who.group.clone())),
+        ("dlq_consumer", Bytes::from(cmds.who.name.clone())),
         ("dlq_attempts", Bytes::from(failure.attempts.to_string())),
         ("dlq_reason", Bytes::from(failure.reason.clone())),
         ("dlq_stderr", Bytes::from(failure.stderr.clone())),
@@ -59,13 +60,13 @@ pub async fn dead_letter(
     give_up: &CancellationToken,
 ) -> bool {
     let fields = dlq_fields(cmds, entry, failure);
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::redis();
     loop {
         match cmds.dead_letter(dlq, &entry.id, fields.clone()).await {
             Ok(()) => {
                 tracing::warn!(
-                    stream = %cmds.stream,
-                    group = %cmds.group,
+                    stream = %cmds.who.stream,
+                    group = %cmds.who.group,
                     id = %entry.id,
                     attempt = failure.attempts,
                     reason = %failure.reason,
@@ -75,8 +76,9 @@ pub async fn dead_letter(
                 return true;
             }
             Err(error) => {
+                let delay = backoff.fail();
                 tracing::warn!(
-                    stream = %cmds.stream,
+                    stream = %cmds.who.stream,
                     id = %entry.id,
                     %error,
                     retry_in = ?delay,
@@ -86,14 +88,13 @@ pub async fn dead_letter(
                     _ = tokio::time::sleep(delay) => {}
                     _ = give_up.cancelled() => {
                         tracing::error!(
-                            stream = %cmds.stream,
+                            stream = %cmds.who.stream,
                             id = %entry.id,
                             "shutting down before the dead-letter write succeeded; entry stays pending"
                         );
                         return false;
                     }
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }

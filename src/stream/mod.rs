@@ -31,9 +31,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::config::{HandlerMode, StreamConfig};
 use crate::exec::handler::{self, HandlerCommand, Invocation, Outcome, Report};
 use crate::exec::worker::{Job, PoolIdentity, WorkerPool};
+use crate::identity::Consumer;
 use crate::ops::metrics::{Health, StreamMetrics};
 use crate::ops::notify::Liveness;
 use crate::ops::shutdown::Shutdown;
@@ -254,8 +256,8 @@ impl StreamLoop {
         shutdown: &Shutdown,
         hooks: LoopHooks,
     ) -> Self {
-        let cmds = StreamCommands::new(commands, &cfg.name, &cfg.group, consumer);
-        let reader = StreamCommands::new(reader, &cfg.name, &cfg.group, consumer);
+        let cmds = StreamCommands::new(commands, Consumer::new(&cfg.name, &cfg.group, consumer));
+        let reader = StreamCommands::new(reader, cmds.who.clone());
         let reconnects = reader.reconnects();
         let (acker, acker_task) = Acker::spawn(cmds.clone(), hooks.metrics.clone());
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
@@ -315,7 +317,7 @@ impl StreamLoop {
     /// Creates the consumer group if it is missing, retrying through Redis errors until it
     /// works or shutdown begins. A key of another type (WRONGTYPE) is not retried.
     pub async fn prepare(&self, shutdown: &Shutdown) -> Result<(), RedisError> {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             match self.ensure_group().await {
                 Ok(()) => return Ok(()),
@@ -324,12 +326,12 @@ impl StreamLoop {
                     return Err(error);
                 }
                 Err(error) => {
+                    let delay = backoff.fail();
                     tracing::warn!(stream = %self.shared.cfg.name, %error, retry_in = ?delay, "cannot set up consumer group; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.stopping() => return Err(RedisError::Stopped),
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -349,7 +351,7 @@ impl StreamLoop {
         tracing::info!(
             stream = %cfg.name,
             group = %cfg.group,
-            consumer = %self.shared.cmds.consumer,
+            consumer = %self.shared.cmds.who.name,
             max_block_read = cfg.max_block_read,
             "consume loop started"
         );
@@ -361,7 +363,7 @@ impl StreamLoop {
         let mut claim_timer = tokio::time::interval(cfg.claim_interval);
         claim_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut claim_cursor: Option<String> = None;
-        let mut error_delay = Duration::from_millis(100);
+        let mut read_backoff = Backoff::redis();
         // Set when the reader's connection was lost: a read's reply may have been lost
         // with it, after Redis delivered the entries to us.
         let mut lost_scan = false;
@@ -460,12 +462,12 @@ impl StreamLoop {
             let Some(read) = read else { break };
             let entries = match read {
                 Ok(entries) => {
-                    error_delay = Duration::from_millis(100);
+                    read_backoff.reset();
                     entries
                 }
                 Err(error) => {
                     lost_scan = true;
-                    Box::pin(self.read_failed(error, &mut error_delay, &shutdown)).await;
+                    Box::pin(self.read_failed(error, &mut read_backoff, &shutdown)).await;
                     continue;
                 }
             };
@@ -485,7 +487,7 @@ impl StreamLoop {
                     Err(error) => {
                         // The read bumped their counters; they stay pending and the
                         // cursor stays put, so the next round reads them again.
-                        Box::pin(self.read_failed(error, &mut error_delay, &shutdown)).await;
+                        Box::pin(self.read_failed(error, &mut read_backoff, &shutdown)).await;
                     }
                 }
             } else {
@@ -658,7 +660,7 @@ impl StreamLoop {
         };
         let reap_ms = cfg.reap_idle.as_millis() as u64;
         for consumer in consumers {
-            if consumer.name == cmds.consumer || consumer.pending > 0 || consumer.idle_ms < reap_ms
+            if consumer.name == cmds.who.name || consumer.pending > 0 || consumer.idle_ms < reap_ms
             {
                 continue;
             }
@@ -745,8 +747,9 @@ impl StreamLoop {
         Ok(rows.into_iter().map(|r| (r.id, r.deliveries)).collect())
     }
 
-    async fn read_failed(&self, error: RedisError, delay: &mut Duration, shutdown: &Shutdown) {
+    async fn read_failed(&self, error: RedisError, backoff: &mut Backoff, shutdown: &Shutdown) {
         let name = &self.shared.cfg.name;
+        let delay = backoff.fail();
         if error.is_nogroup() {
             tracing::warn!(stream = %name, group = %self.shared.cfg.group, "consumer group is gone (NOGROUP); recreating it");
             if let Err(error) = self.ensure_group().await {
@@ -756,10 +759,9 @@ impl StreamLoop {
             tracing::warn!(stream = %name, %error, retry_in = ?delay, "XREADGROUP failed");
         }
         tokio::select! {
-            _ = tokio::time::sleep(*delay) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = shutdown.stopping() => {}
         }
-        *delay = (*delay * 2).min(Duration::from_secs(5));
     }
 
     fn start_due_retries(
@@ -905,19 +907,19 @@ async fn sample_group(shared: Arc<Shared>, stop: CancellationToken) {
 /// deleting it would drop those entries from the pending list.
 async fn leave_group_if_idle(cmds: &StreamCommands) {
     match cmds.my_pending("-", "+", 1).await {
-        Ok(rows) if rows.is_empty() => match cmds.delete_consumer(&cmds.consumer).await {
+        Ok(rows) if rows.is_empty() => match cmds.delete_consumer(&cmds.who.name).await {
             Ok(_) => {
-                tracing::info!(stream = %cmds.stream, consumer = %cmds.consumer, "left the consumer group (nothing pending)")
+                tracing::info!(stream = %cmds.who.stream, consumer = %cmds.who.name, "left the consumer group (nothing pending)")
             }
             Err(error) => {
-                tracing::debug!(stream = %cmds.stream, %error, "XGROUP DELCONSUMER failed")
+                tracing::debug!(stream = %cmds.who.stream, %error, "XGROUP DELCONSUMER failed")
             }
         },
         Ok(_) => {
-            tracing::info!(stream = %cmds.stream, "entries still pending; staying in the group for recovery")
+            tracing::info!(stream = %cmds.who.stream, "entries still pending; staying in the group for recovery")
         }
         Err(error) => {
-            tracing::debug!(stream = %cmds.stream, %error, "cannot check own pending entries")
+            tracing::debug!(stream = %cmds.who.stream, %error, "cannot check own pending entries")
         }
     }
 }
@@ -959,11 +961,8 @@ async fn gather_slots(
 }
 
 /// Delay before attempt `failed + 1`: `retry_backoff * 2^(failed - 1)`, capped.
-pub fn backoff(cfg: &StreamConfig, failed: u64) -> Duration {
-    let doublings = failed.saturating_sub(1).min(32) as u32;
-    cfg.retry_backoff
-        .saturating_mul(2u32.saturating_pow(doublings))
-        .min(cfg.retry_backoff_max)
+pub(crate) fn backoff(cfg: &StreamConfig, failed: u64) -> Duration {
+    Backoff::delay_after(cfg.retry_backoff, cfg.retry_backoff_max, failed)
 }
 
 /// A due retry: take the entry again if it is still ours, then run it.
@@ -977,13 +976,13 @@ async fn retry_entry(
     let row = match cmds.pending_entry(&id).await {
         Ok(Some(row)) => row,
         Ok(None) => {
-            tracing::debug!(stream = %cmds.stream, %id, "no longer pending; nothing to retry");
+            tracing::debug!(stream = %cmds.who.stream, %id, "no longer pending; nothing to retry");
             return;
         }
         Err(error) => return reschedule(&shared, id, error),
     };
-    if row.consumer != cmds.consumer {
-        tracing::info!(stream = %cmds.stream, %id, owner = %row.consumer, "entry was taken over by another consumer; leaving the retry to it");
+    if row.consumer != cmds.who.name {
+        tracing::info!(stream = %cmds.who.stream, %id, owner = %row.consumer, "entry was taken over by another consumer; leaving the retry to it");
         return;
     }
     // min-idle = the idle time just seen: if anyone touched the entry since, no claim.
@@ -994,7 +993,7 @@ async fn retry_entry(
             }
         }
         Ok(None) => {
-            tracing::debug!(stream = %cmds.stream, %id, "entry deleted or claimed elsewhere; nothing to retry");
+            tracing::debug!(stream = %cmds.who.stream, %id, "entry deleted or claimed elsewhere; nothing to retry");
         }
         Err(error) => reschedule(&shared, id, error),
     }
@@ -1002,7 +1001,7 @@ async fn retry_entry(
 
 fn reschedule(shared: &Shared, id: String, error: RedisError) {
     let delay = Duration::from_secs(1);
-    tracing::warn!(stream = %shared.cmds.stream, %id, %error, retry_in = ?delay, "cannot claim entry for retry");
+    tracing::warn!(stream = %shared.cmds.who.stream, %id, %error, retry_in = ?delay, "cannot claim entry for retry");
     let _ = shared.retry_tx.send(Retry {
         due: Instant::now() + delay,
         id,
@@ -1083,7 +1082,7 @@ async fn exec_attempt(
     let invocation = Invocation {
         stream: &cfg.name,
         group: &cfg.group,
-        consumer: &shared.cmds.consumer,
+        consumer: &shared.cmds.who.name,
         id: &entry.id,
         attempt,
     };
