@@ -2,40 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
-
 use common::*;
-
-/// `GET path` on 127.0.0.1:port: (status code, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
-
-/// The value of the series `name{stream="s",...}` in a scrape.
-fn sample(scrape: &str, name: &str, stream: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.split_once(['{', ' ']).is_some_and(|(n, _)| n == name)
-                && l.contains(&format!("stream=\"{stream}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_match_what_happened() {

@@ -114,6 +114,9 @@ pub enum Outcome {
     TimedOut(Duration),
     /// The program could not be started.
     SpawnFailed(String),
+    /// The daemon lacked resources to start the program (file descriptors, processes,
+    /// memory): the daemon's trouble, not the entry's.
+    NoResources(String),
     /// Stopped by the daemon's shutdown (`abort` token); neither success nor a failed attempt.
     Aborted,
     /// A long-lived worker replied `fail <reason>`: a failed attempt.
@@ -144,7 +147,9 @@ impl Outcome {
             Outcome::TimedOut(after) => {
                 format!("timeout after {}", humantime::format_duration(*after))
             }
-            Outcome::SpawnFailed(err) => format!("spawn failed: {err}"),
+            Outcome::SpawnFailed(err) | Outcome::NoResources(err) => {
+                format!("spawn failed: {err}")
+            }
             Outcome::Aborted => "aborted".to_owned(),
             Outcome::Failed(reason) | Outcome::Rejected(reason) | Outcome::WorkerLost(reason) => {
                 reason.clone()
@@ -178,7 +183,7 @@ pub async fn run(
         };
     }
     let Some((program, args)) = cmd.argv.split_first() else {
-        return spawn_failed("empty handler argv".to_owned());
+        return spawn_failed(&"empty handler argv");
     };
 
     let mut command = base_command(program, args, cmd, inv.stream, inv.group, inv.consumer);
@@ -198,7 +203,14 @@ pub async fn run(
                 program = program.as_str(),
                 "handler spawn failed: {err}"
             );
-            return spawn_failed(err.to_string());
+            if is_want_of_resources(&err) {
+                return Report {
+                    outcome: Outcome::NoResources(err.to_string()),
+                    stderr_tail: Vec::new(),
+                    elapsed: Duration::ZERO,
+                };
+            }
+            return spawn_failed(&err);
         }
     };
     // `id()` is `Some` until the child has been reaped, which only `wait` below does.
@@ -353,12 +365,23 @@ pub(crate) fn base_command(
     command
 }
 
-fn spawn_failed(err: String) -> Report {
+fn spawn_failed(err: &dyn std::fmt::Display) -> Report {
     Report {
-        outcome: Outcome::SpawnFailed(err),
+        outcome: Outcome::SpawnFailed(err.to_string()),
         stderr_tail: Vec::new(),
         elapsed: Duration::ZERO,
     }
+}
+
+/// Whether a spawn failed for want of the daemon's resources (descriptors, processes,
+/// memory) rather than because of the program.
+pub(crate) fn is_want_of_resources(err: &io::Error) -> bool {
+    use nix::errno::Errno;
+    err.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::EAGAIN, Errno::ENOMEM]
+            .iter()
+            .any(|e| *e as i32 == code)
+    })
 }
 
 pub(crate) fn outcome_of(status: ExitStatus) -> Outcome {

@@ -82,6 +82,8 @@ pub struct Metrics {
     failed_attempts: Family<StreamLabels, Counter>,
     retries: Family<StreamLabels, Counter>,
     dead_lettered: Family<StreamLabels, Counter>,
+    entries_deleted: Family<StreamLabels, Counter>,
+    resource_waits: Family<StreamLabels, Counter>,
     handler_duration: DurationFamily,
     in_flight: Family<StreamLabels, Gauge>,
     group_lag: Family<StreamLabels, Gauge>,
@@ -98,6 +100,8 @@ impl Metrics {
         let failed_attempts = Family::default();
         let retries = Family::default();
         let dead_lettered = Family::default();
+        let entries_deleted = Family::default();
+        let resource_waits = Family::default();
         let handler_duration: DurationFamily =
             Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let in_flight = Family::default();
@@ -130,6 +134,16 @@ impl Metrics {
             "dead_lettered",
             "Entries moved to the dead-letter stream",
             dead_lettered.clone(),
+        );
+        registry.register(
+            "entries_deleted",
+            "Entries found deleted from the stream while this consumer held them (pending, waiting for a retry, or claimed); acked away or dropped from the pending list",
+            entries_deleted.clone(),
+        );
+        registry.register(
+            "resource_waits",
+            "Handler starts that failed for want of daemon resources (file descriptors, processes, memory); the entry waits and runs again without using up an attempt",
+            resource_waits.clone(),
         );
         registry.register_with_unit(
             "handler_duration",
@@ -165,6 +179,8 @@ impl Metrics {
             failed_attempts,
             retries,
             dead_lettered,
+            entries_deleted,
+            resource_waits,
             handler_duration,
             in_flight,
             group_lag,
@@ -188,6 +204,8 @@ impl Metrics {
             failed_attempts: self.failed_attempts.get_or_create_owned(&labels),
             retries: self.retries.get_or_create_owned(&labels),
             dead_lettered: self.dead_lettered.get_or_create_owned(&labels),
+            deleted: self.entries_deleted.get_or_create_owned(&labels),
+            resource_waits: self.resource_waits.get_or_create_owned(&labels),
             handler_duration: self.handler_duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
             lag: self.group_lag.get_or_create_owned(&labels),
@@ -241,6 +259,8 @@ pub struct StreamMetrics {
     failed_attempts: Counter,
     retries: Counter,
     dead_lettered: Counter,
+    deleted: Counter,
+    resource_waits: Counter,
     handler_duration: Histogram,
     in_flight: Gauge,
     lag: Gauge,
@@ -273,6 +293,16 @@ impl StreamMetrics {
     pub fn dead_lettered(&self) {
         self.dead_lettered.inc();
         self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `redis_streamd_entries_deleted_total` + 1.
+    pub fn deleted_entry(&self) {
+        self.deleted.inc();
+    }
+
+    /// `redis_streamd_resource_waits_total` + 1.
+    pub fn resource_wait(&self) {
+        self.resource_waits.inc();
     }
 
     /// One observation of `redis_streamd_handler_duration_seconds`.

@@ -13,7 +13,7 @@ use crate::backoff::Backoff;
 use crate::redis::{Entry, StreamCommands};
 
 /// Why and after how much effort an entry is being dead-lettered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     /// `exit code 3`, `killed by signal 9`, `timeout after 30s`, `spawn failed: ...`,
     /// `missing field "payload"`, ...
@@ -22,6 +22,8 @@ pub struct Failure {
     pub attempts: u64,
     /// Tail of the last run's stderr (empty when none ran).
     pub stderr: Vec<u8>,
+    /// How long the last run took (`None` when none ran).
+    pub elapsed: Option<std::time::Duration>,
 }
 
 /// The fields of the DLQ entry for `entry`.
@@ -69,6 +71,7 @@ pub async fn dead_letter(
                     group = %cmds.who.group,
                     id = %entry.id,
                     attempt = failure.attempts,
+                    elapsed_ms = failure.elapsed.map(|d| d.as_millis() as u64),
                     reason = %failure.reason,
                     dlq,
                     "entry moved to the dead-letter stream"
