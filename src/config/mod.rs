@@ -115,6 +115,36 @@ pub struct StreamConfig {
     pub claim_idle: Duration,
     /// Consumers idle this long with no pending entries are removed. Default 1h.
     pub reap_idle: Duration,
+    /// `order_by` / `order_by_json`, `order_scope`, `order_waiting_max`: per-key order.
+    /// `None`: entries run in any order.
+    pub order: Option<OrderConfig>,
+}
+
+/// Per-key ordering of one stream (`order_by` or `order_by_json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderConfig {
+    pub key: OrderKey,
+    pub scope: OrderScope,
+    /// `order_waiting_max`: entries that may wait behind busy keys in this daemon.
+    pub waiting_max: usize,
+}
+
+/// Where an entry's ordering key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderKey {
+    /// `order_by`: the value of this field.
+    Field(String),
+    /// `order_by_json`: this JSON Pointer (RFC 6901) in the payload field's value.
+    JsonPointer(String),
+}
+
+/// `order_scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderScope {
+    /// In order within this daemon (the default).
+    Consumer,
+    /// In order across every consumer of the group.
+    Group,
 }
 
 /// A configuration that cannot be used. `Display` is the whole operator-facing message.

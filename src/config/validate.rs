@@ -9,8 +9,8 @@ use super::locate::{KeyPath, Locator};
 use super::program::resolve_program;
 use super::raw::{RawConfig, RawDaemon, RawRedis, RawStream};
 use super::{
-    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Host, PayloadMode, REDIS_URL_ENV,
-    RedisConfig, StreamConfig, redact_url,
+    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Host, OrderConfig, OrderKey,
+    OrderScope, PayloadMode, REDIS_URL_ENV, RedisConfig, StreamConfig, redact_url,
 };
 
 /// The longest duration any key accepts.
@@ -27,6 +27,9 @@ const DEFAULT_WORKER_PREFETCH: u64 = 32;
 /// More would only hold entries back from other consumers: at this depth a worker already
 /// never waits for the daemon.
 const MAX_WORKER_PREFETCH: usize = 1000;
+/// `order_waiting_max` default and bound: waiting entries are held in memory, whole.
+const DEFAULT_ORDER_WAITING_MAX: u64 = 100;
+const MAX_ORDER_WAITING: u64 = 100_000;
 const DEFAULT_BLOCK: Duration = Duration::from_secs(5);
 const DEFAULT_START_ID: &str = "$";
 const DEFAULT_PAYLOAD_FIELD: &str = "payload";
@@ -257,8 +260,82 @@ impl Ctx<'_> {
             )?,
             claim_idle: self.claim_idle(&key("claim_idle"), raw.claim_idle)?,
             reap_idle: self.duration(&key("reap_idle"), raw.reap_idle, DEFAULT_REAP_IDLE)?,
+            order: self.order(
+                i,
+                raw.order_by,
+                raw.order_by_json,
+                raw.order_scope,
+                raw.order_waiting_max,
+            )?,
             name,
         })
+    }
+
+    /// `order_by` / `order_by_json` (at most one), `order_scope`, `order_waiting_max`.
+    fn order(
+        &self,
+        i: usize,
+        by: Option<String>,
+        by_json: Option<String>,
+        scope: Option<String>,
+        waiting_max: Option<i64>,
+    ) -> Result<Option<OrderConfig>, ConfigError> {
+        let key = |k: &str| stream_key(i, k);
+        let order_key = match (by, by_json) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    &key("order_by_json"),
+                    "order_by and order_by_json exclude each other: set one",
+                ));
+            }
+            (Some(field), None) => OrderKey::Field(self.non_empty(&key("order_by"), field)?),
+            (None, Some(pointer)) => {
+                if !(pointer.is_empty() || pointer.starts_with('/')) {
+                    return Err(self.invalid(
+                        &key("order_by_json"),
+                        format!("must be a JSON Pointer (RFC 6901) such as \"/channel_id\" (got {pointer:?})"),
+                    ));
+                }
+                OrderKey::JsonPointer(pointer)
+            }
+            (None, None) => {
+                for (name, set) in [
+                    ("order_scope", scope.is_some()),
+                    ("order_waiting_max", waiting_max.is_some()),
+                ] {
+                    if set {
+                        return Err(self.invalid(&key(name), "needs order_by or order_by_json"));
+                    }
+                }
+                return Ok(None);
+            }
+        };
+        let scope = match scope.as_deref() {
+            None | Some("consumer") => OrderScope::Consumer,
+            Some("group") => OrderScope::Group,
+            Some(other) => {
+                return Err(self.invalid(
+                    &key("order_scope"),
+                    format!("must be \"consumer\" or \"group\" (got {other:?})"),
+                ));
+            }
+        };
+        let waiting_max = self.at_least_one(
+            &key("order_waiting_max"),
+            waiting_max,
+            DEFAULT_ORDER_WAITING_MAX,
+        )?;
+        if waiting_max > MAX_ORDER_WAITING {
+            return Err(self.invalid(
+                &key("order_waiting_max"),
+                format!("must be at most {MAX_ORDER_WAITING} (got {waiting_max})"),
+            ));
+        }
+        Ok(Some(OrderConfig {
+            key: order_key,
+            scope,
+            waiting_max: waiting_max as usize,
+        }))
     }
 
     fn required(&self, key: &KeyPath, value: Option<String>) -> Result<String, ConfigError> {
@@ -605,6 +682,7 @@ reap_idle = "2h"
             claim_interval: Duration::from_secs(10),
             claim_idle: Duration::from_secs(3),
             reap_idle: Duration::from_secs(7200),
+            order: None,
         };
         assert_eq!(c.streams, vec![expected]);
     }

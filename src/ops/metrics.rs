@@ -84,6 +84,10 @@ pub struct Metrics {
     dead_lettered: Family<StreamLabels, Counter>,
     entries_deleted: Family<StreamLabels, Counter>,
     resource_waits: Family<StreamLabels, Counter>,
+    order_waiting: Family<StreamLabels, Gauge>,
+    order_keys: Family<StreamLabels, Gauge>,
+    order_unkeyed: Family<StreamLabels, Counter>,
+    order_wait: DurationFamily,
     handler_duration: DurationFamily,
     in_flight: Family<StreamLabels, Gauge>,
     group_lag: Family<StreamLabels, Gauge>,
@@ -102,6 +106,11 @@ impl Metrics {
         let dead_lettered = Family::default();
         let entries_deleted = Family::default();
         let resource_waits = Family::default();
+        let order_waiting = Family::default();
+        let order_keys = Family::default();
+        let order_unkeyed = Family::default();
+        let order_wait: DurationFamily =
+            Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let handler_duration: DurationFamily =
             Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let in_flight = Family::default();
@@ -145,6 +154,27 @@ impl Metrics {
             "Handler starts that failed for want of daemon resources (file descriptors, processes, memory); the entry waits and runs again without using up an attempt",
             resource_waits.clone(),
         );
+        registry.register(
+            "order_waiting",
+            "Entries waiting behind an earlier entry with the same ordering key (order_by)",
+            order_waiting.clone(),
+        );
+        registry.register(
+            "order_keys_active",
+            "Ordering keys with an entry in hand (running, waiting for a retry, or being dead-lettered)",
+            order_keys.clone(),
+        );
+        registry.register(
+            "order_unkeyed",
+            "Entries of an ordered stream without an ordering key (run unordered)",
+            order_unkeyed.clone(),
+        );
+        registry.register_with_unit(
+            "order_wait",
+            "Time entries waited behind an earlier entry with the same ordering key",
+            Unit::Seconds,
+            order_wait.clone(),
+        );
         registry.register_with_unit(
             "handler_duration",
             "Wall time of handler runs, from spawn to exit",
@@ -181,6 +211,10 @@ impl Metrics {
             dead_lettered,
             entries_deleted,
             resource_waits,
+            order_waiting,
+            order_keys,
+            order_unkeyed,
+            order_wait,
             handler_duration,
             in_flight,
             group_lag,
@@ -206,6 +240,10 @@ impl Metrics {
             dead_lettered: self.dead_lettered.get_or_create_owned(&labels),
             deleted: self.entries_deleted.get_or_create_owned(&labels),
             resource_waits: self.resource_waits.get_or_create_owned(&labels),
+            order_waiting: self.order_waiting.get_or_create_owned(&labels),
+            order_keys: self.order_keys.get_or_create_owned(&labels),
+            order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
+            order_wait: self.order_wait.get_or_create_owned(&labels),
             handler_duration: self.handler_duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
             lag: self.group_lag.get_or_create_owned(&labels),
@@ -261,6 +299,10 @@ pub struct StreamMetrics {
     dead_lettered: Counter,
     deleted: Counter,
     resource_waits: Counter,
+    order_waiting: Gauge,
+    order_keys: Gauge,
+    order_unkeyed: Counter,
+    order_wait: Histogram,
     handler_duration: Histogram,
     in_flight: Gauge,
     lag: Gauge,
@@ -303,6 +345,23 @@ impl StreamMetrics {
     /// `redis_streamd_resource_waits_total` + 1.
     pub fn resource_wait(&self) {
         self.resource_waits.inc();
+    }
+
+    /// `redis_streamd_order_waiting` and `redis_streamd_order_keys_active`.
+    pub fn set_order(&self, waiting: usize, keys: usize) {
+        self.order_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        self.order_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// `redis_streamd_order_unkeyed_total` + 1.
+    pub fn order_unkeyed(&self) {
+        self.order_unkeyed.inc();
+    }
+
+    /// One observation of `redis_streamd_order_wait_seconds`.
+    pub fn order_waited(&self, d: Duration) {
+        self.order_wait.observe(d.as_secs_f64());
     }
 
     /// One observation of `redis_streamd_handler_duration_seconds`.

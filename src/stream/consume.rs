@@ -27,6 +27,7 @@ use crate::ops::shutdown::Shutdown;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::stream::ack::{AckTask, Acker};
 use crate::stream::dlq::{self, Failure};
+use crate::stream::order::{Admitted, Order};
 use crate::stream::recovery::{self, Claimed};
 use crate::stream::retry::{Retry, RetryQueue};
 use crate::stream::settle::{self, Admit, Settle};
@@ -132,6 +133,8 @@ pub struct StreamLoop {
     /// retry or a claimed entry that is here must not start a second run.
     pub(super) busy: HashMap<String, Busy>,
     pub(super) retries: RetryQueue,
+    /// Per-key order (`order_by`): entries waiting behind their key.
+    pub(super) order: Option<Order>,
     claims: JoinSet<Claimed>,
     writes: JoinSet<String>,
     /// Refreshes and samples: dropped (aborted) when the loop ends.
@@ -187,6 +190,10 @@ impl StreamLoop {
             span,
             busy: HashMap::new(),
             retries: RetryQueue::default(),
+            order: cfg
+                .order
+                .as_ref()
+                .map(|o| Order::new(o.key.clone(), &cfg.payload_field, o.waiting_max)),
             claims: JoinSet::new(),
             writes: JoinSet::new(),
             chores: JoinSet::new(),
@@ -305,6 +312,7 @@ impl StreamLoop {
             Event::Claimed(Ok(claimed)) => self.claimed(claimed),
             Event::Written(Ok(id)) => {
                 self.busy.remove(&id);
+                self.released(&id);
             }
             Event::Claimed(Err(error)) | Event::Written(Err(error)) => {
                 // Claims are cancelled on purpose when the loop stops.
@@ -339,6 +347,7 @@ impl StreamLoop {
             .await;
         }
         self.start_due_retries(&mut permits);
+        self.start_ready(&mut permits);
         self.lost_scan |= self.reconnected();
         if self.lost_scan && self.backlog_cursor.is_none() && !permits.is_empty() {
             self.lost_scan = Box::pin(self.recover_lost(&mut permits)).await;
@@ -348,10 +357,20 @@ impl StreamLoop {
         {
             self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
         }
-        if permits.is_empty() {
+        // With per-key order, a read may bring entries that wait behind their key: read
+        // no more than there is room for them.
+        let count = match &self.order {
+            Some(order) => permits.len().min(order.room()),
+            None => permits.len(),
+        };
+        if count == 0 {
+            if !permits.is_empty() {
+                // Every slot could run, but the waiting room is full: wait for a change.
+                return self.wait_for_room(shutdown, waits).await;
+            }
             return true;
         }
-        let Some(read) = self.read(permits.len(), shutdown, waits).await else {
+        let Some(read) = self.read(count, shutdown, waits).await else {
             return false;
         };
         let entries = match read {
@@ -433,6 +452,19 @@ impl StreamLoop {
         }
     }
 
+    /// Waits (holding the round's slots) until something happens that may make room for
+    /// waiting entries, or a retry falls due. `false` at shutdown.
+    async fn wait_for_room(&mut self, shutdown: &Shutdown, waits: &mut Waits<'_>) -> bool {
+        let due = self.retries.next_due();
+        tokio::select! {
+            _ = shutdown.stopping() => return false,
+            event = self.next_event(waits.timers) => self.handle(event),
+            _ = waits.beat.tick() => waits.alive.beat(),
+            _ = sleep_until_some(due) => {}
+        }
+        true
+    }
+
     /// Takes a delivered entry: one slot, then admitted, run or settled at once.
     pub(super) fn take(
         &mut self,
@@ -440,7 +472,9 @@ impl StreamLoop {
         attempt: u64,
         permits: &mut Vec<OwnedSemaphorePermit>,
     ) {
-        if self.busy.contains_key(&entry.id) {
+        if self.busy.contains_key(&entry.id)
+            || self.order.as_ref().is_some_and(|o| o.is_waiting(&entry.id))
+        {
             tracing::debug!(id = %entry.id, "already running; skipping duplicate delivery");
             return;
         }
@@ -451,7 +485,65 @@ impl StreamLoop {
             return;
         };
         self.metrics.read(1);
-        self.start(entry, attempt, slot);
+        let Some(order) = &mut self.order else {
+            return self.start(entry, attempt, slot);
+        };
+        match order.admit(entry, attempt) {
+            Admitted::Run {
+                entry,
+                attempt,
+                keyed,
+            } => {
+                if !keyed {
+                    self.metrics.order_unkeyed();
+                }
+                self.start(entry, attempt, slot);
+            }
+            // It waits without its slot: a hot key does not hold up other keys' reads.
+            Admitted::Queued => {
+                tracing::debug!("entry waits for the entry before it with the same key")
+            }
+        }
+        self.order_changed();
+    }
+
+    /// The entry `id` is settled for good (acked, dead-lettered, deleted, or another
+    /// consumer's now): the next entry of its key, if any, may run.
+    fn released(&mut self, id: &str) {
+        if let Some(order) = &mut self.order {
+            order.settled(id);
+            self.start_ready(&mut Vec::new());
+        }
+    }
+
+    /// Starts entries whose key came free, with `permits` first, then free slots.
+    fn start_ready(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
+        while !self.stopping {
+            let Some(order) = &mut self.order else { return };
+            if !order.has_ready() {
+                break;
+            }
+            let Some(slot) = permits
+                .pop()
+                .or_else(|| self.slots.clone().try_acquire_owned().ok())
+            else {
+                break;
+            };
+            let Some((entry, attempt, waited)) = order.next_ready() else {
+                break;
+            };
+            tracing::debug!(id = %entry.id, waited_ms = waited.as_millis() as u64, "the entry before it with the same key is done; starting");
+            self.metrics.order_waited(waited);
+            self.start(entry, attempt, slot);
+        }
+        self.order_changed();
+    }
+
+    /// Updates the ordering gauges.
+    fn order_changed(&self) {
+        if let Some(order) = &self.order {
+            self.metrics.set_order(order.waiting(), order.keys_held());
+        }
     }
 
     /// Starts attempt `attempt` at `entry` with `slot`, or settles it when it cannot run.
@@ -469,6 +561,7 @@ impl StreamLoop {
             }
             Admit::Deleted => {
                 self.busy.remove(&entry.id);
+                self.released(&entry.id);
                 self.deleted(
                     &entry.id,
                     "entry was deleted from the stream while pending; acking it away",
@@ -497,6 +590,7 @@ impl StreamLoop {
                 // debug, not info: one line per success is most of a busy daemon's log
                 // volume and measurable per-entry cost; successes are counted in metrics.
                 tracing::debug!(%id, attempt, elapsed_ms, "handled");
+                self.released(&id);
                 self.acker.ack(id);
             }
             Settle::KeepPending => {
@@ -589,6 +683,7 @@ impl StreamLoop {
             }
             Claimed::Gone { id } => {
                 self.busy.remove(&id);
+                self.released(&id);
                 self.deleted(
                     &id,
                     "entry was deleted from the stream while waiting for its retry",
@@ -596,6 +691,7 @@ impl StreamLoop {
             }
             Claimed::NotOurs { id } => {
                 self.busy.remove(&id);
+                self.released(&id);
             }
             Claimed::Failed { id } => {
                 self.busy.remove(&id);
@@ -614,6 +710,9 @@ impl StreamLoop {
     fn refresh(&mut self) {
         let mut ids: Vec<String> = self.busy.keys().cloned().collect();
         ids.extend(self.retries.reruns().cloned());
+        if let Some(order) = &self.order {
+            ids.extend(order.waiting_ids().cloned());
+        }
         ids.extend(self.acker.unconfirmed());
         if ids.is_empty() {
             return;
@@ -696,6 +795,16 @@ impl StreamLoop {
         self.retries.clear();
         self.claims.abort_all();
         self.busy.retain(|_, b| !matches!(b, Busy::Claiming));
+        if let Some(order) = &mut self.order {
+            let waiting = order.clear();
+            if waiting > 0 {
+                tracing::info!(
+                    waiting,
+                    "entries waiting for their key stay pending for the next start"
+                );
+            }
+            self.order_changed();
+        }
         let running = self
             .busy
             .values()

@@ -17,6 +17,7 @@
 //! - [`consume`]: the loop's state and its event dispatch.
 //! - [`settle`]: pure decisions: admit an entry, settle a run.
 //! - [`retry`]: the timer heap of waiting retries.
+//! - [`order`]: per-key ordering (`order_by`): entries waiting behind their key.
 //! - [`recovery`]: lost deliveries, XAUTOCLAIM, retry claims, idle consumers.
 //! - [`ack`]: batched, retried XACKs. [`dlq`]: the dead-letter write.
 //! - [`payload`]: what the handler reads on stdin.
@@ -24,6 +25,7 @@
 pub(crate) mod ack;
 pub(crate) mod consume;
 pub(crate) mod dlq;
+pub(crate) mod order;
 pub(crate) mod payload;
 pub(crate) mod recovery;
 pub(crate) mod retry;

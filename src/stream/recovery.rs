@@ -33,7 +33,9 @@ impl StreamLoop {
     fn is_in_hand(&self, id: &str) -> bool {
         in_hand(
             id,
-            |id| self.busy.contains_key(id),
+            |id| {
+                self.busy.contains_key(id) || self.order.as_ref().is_some_and(|o| o.is_waiting(id))
+            },
             &self.retries,
             |id| self.acker.is_settling(id),
         )

@@ -135,6 +135,7 @@ mod tests {
             claim_interval: Duration::from_secs(30),
             claim_idle: Duration::from_secs(60),
             reap_idle: Duration::from_secs(3600),
+            order: None,
         }
     }
 
