@@ -20,7 +20,7 @@ use crate::ops::metrics::{self, Health, Metrics};
 use crate::ops::notify::{self, Liveness};
 use crate::ops::shutdown::Shutdown;
 use crate::redis::{self, RedisError};
-use crate::stream::consume::FINAL_FLUSH;
+use crate::stream::upkeep::FINAL_FLUSH;
 use crate::stream::{LoopHooks, StreamLoop};
 
 /// How often the systemd status line (in-flight and settled counts) is refreshed.

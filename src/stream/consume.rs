@@ -22,32 +22,22 @@ use crate::config::StreamConfig;
 use crate::exec::{Done, Executor, Job, Outcome};
 use crate::identity::Consumer;
 use crate::ops::metrics::{Health, StreamMetrics};
-use crate::ops::notify::{Heartbeat, Liveness};
+use crate::ops::notify::Liveness;
 use crate::ops::shutdown::Shutdown;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::stream::ack::{AckTask, Acker};
 use crate::stream::dlq::{self, Failure};
 use crate::stream::order::{Admitted, Order};
+use crate::stream::read::Waits;
 use crate::stream::recovery::{self, Claimed};
 use crate::stream::retry::{Retry, RetryQueue};
 use crate::stream::settle::{self, Admit, Settle};
-
-/// How long the final acks may take once every handler is done, when Redis is slow or
-/// down; after that, the unacked entries stay pending and are handled again later.
-pub const FINAL_FLUSH: Duration = Duration::from_secs(10);
-
-/// How long each goodbye to Redis (leaving the group, closing the reader) may take.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often lag and pending count are sampled.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often a waiting loop proves to the watchdog that it is alive.
 const BEAT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How long worker mode waits for more free slots before a read (see
-/// [`Executor::batches_reads`]).
-const READ_LINGER: Duration = Duration::from_millis(1);
 
 /// What a loop reports to: metrics, `/readyz`, and the systemd watchdog.
 pub struct LoopHooks {
@@ -70,7 +60,7 @@ pub(super) enum Busy {
 }
 
 /// The timers whose ticks become [`Event`]s (they also run while a read blocks).
-struct Timers {
+pub(super) struct Timers {
     refresh: Interval,
     sample: Interval,
 }
@@ -85,15 +75,8 @@ impl Timers {
     }
 }
 
-/// What a read waits with: the event timers and the watchdog beat.
-struct Waits<'a> {
-    timers: &'a mut Timers,
-    beat: &'a mut Interval,
-    alive: &'a Heartbeat,
-}
-
 /// Something the loop reacts to.
-enum Event {
+pub(super) enum Event {
     /// The executor finished a job.
     Done(Done),
     /// A due retry's claim finished.
@@ -114,41 +97,41 @@ pub struct StreamLoop {
     /// Commands on the shared client: acks, claims, DLQ writes.
     pub(super) cmds: StreamCommands,
     /// Commands on this loop's own connection, used only for the blocking read.
-    reader: Arc<StreamCommands>,
-    executor: Arc<Executor>,
-    done_rx: mpsc::UnboundedReceiver<Done>,
+    pub(super) reader: Arc<StreamCommands>,
+    pub(super) executor: Arc<Executor>,
+    pub(super) done_rx: mpsc::UnboundedReceiver<Done>,
     /// Entries this stream may hold (owned and sized by the executor).
-    slots: Arc<Semaphore>,
+    pub(super) slots: Arc<Semaphore>,
     pub(super) acker: Acker,
-    ack_task: AckTask,
+    pub(super) ack_task: AckTask,
     /// Reconnects of the reader's connection (see [`StreamLoop::recover_lost`]).
-    reconnects: broadcast::Receiver<fred::types::config::Server>,
+    pub(super) reconnects: broadcast::Receiver<fred::types::config::Server>,
     pub(super) metrics: StreamMetrics,
-    health: Arc<Health>,
-    liveness: Arc<Liveness>,
-    sample_group: bool,
-    abort: CancellationToken,
-    span: tracing::Span,
+    pub(super) health: Arc<Health>,
+    pub(super) liveness: Arc<Liveness>,
+    pub(super) sample_group: bool,
+    pub(super) abort: CancellationToken,
+    pub(super) span: tracing::Span,
     /// Ids this loop holds: claimed for a retry, running, or being dead-lettered. A due
     /// retry or a claimed entry that is here must not start a second run.
     pub(super) busy: HashMap<String, Busy>,
     pub(super) retries: RetryQueue,
     /// Per-key order (`order_by`): entries waiting behind their key.
     pub(super) order: Option<Order>,
-    claims: JoinSet<Claimed>,
-    writes: JoinSet<String>,
+    pub(super) claims: JoinSet<Claimed>,
+    pub(super) writes: JoinSet<String>,
     /// Refreshes and samples: dropped (aborted) when the loop ends.
-    chores: JoinSet<()>,
+    pub(super) chores: JoinSet<()>,
     /// Some(cursor) while we are still working through our own pending list.
-    backlog_cursor: Option<String>,
+    pub(super) backlog_cursor: Option<String>,
     /// Some(cursor) while an XAUTOCLAIM scan of the group's pending list is under way.
-    claim_cursor: Option<String>,
+    pub(super) claim_cursor: Option<String>,
     /// Set when the reader's connection was lost: a read's reply may have been lost
     /// with it, after Redis delivered the entries to us.
-    lost_scan: bool,
-    read_backoff: Backoff,
+    pub(super) lost_scan: bool,
+    pub(super) read_backoff: Backoff,
     /// Set once the loop stops reading: nothing new starts.
-    stopping: bool,
+    pub(super) stopping: bool,
 }
 
 impl StreamLoop {
@@ -230,7 +213,7 @@ impl StreamLoop {
         }
     }
 
-    async fn ensure_group(&self) -> Result<(), RedisError> {
+    pub(super) async fn ensure_group(&self) -> Result<(), RedisError> {
         let cfg = &self.cfg;
         if self.cmds.ensure_group(&cfg.start_id).await? {
             tracing::info!(stream = %cfg.name, group = %cfg.group, start_id = %cfg.start_id, "created consumer group");
@@ -295,7 +278,7 @@ impl StreamLoop {
 
     /// The next report, finished background step or timer tick. Never resolves when
     /// there is none (the caller selects on other things too).
-    async fn next_event(&mut self, timers: &mut Timers) -> Event {
+    pub(super) async fn next_event(&mut self, timers: &mut Timers) -> Event {
         tokio::select! {
             Some(done) = self.done_rx.recv() => Event::Done(done),
             Some(claimed) = self.claims.join_next(), if !self.claims.is_empty() => Event::Claimed(claimed),
@@ -306,7 +289,7 @@ impl StreamLoop {
         }
     }
 
-    fn handle(&mut self, event: Event) {
+    pub(super) fn handle(&mut self, event: Event) {
         match event {
             Event::Done(done) => self.finished(done),
             Event::Claimed(Ok(claimed)) => self.claimed(claimed),
@@ -324,145 +307,6 @@ impl StreamLoop {
             Event::Sample => self.sample(),
             Event::Chore => {}
         }
-    }
-
-    /// One round with at least one free slot: start due retries, recover, claim, then
-    /// read as many entries as there are free slots and start them. `false` at shutdown.
-    async fn read_round(
-        &mut self,
-        first: OwnedSemaphorePermit,
-        shutdown: &Shutdown,
-        waits: &mut Waits<'_>,
-    ) -> bool {
-        let mut permits = vec![first];
-        while let Ok(more) = self.slots.clone().try_acquire_owned() {
-            permits.push(more);
-        }
-        if self.executor.batches_reads() && !(self.claims.is_empty() && self.writes.is_empty()) {
-            gather_slots(
-                &self.slots,
-                &mut permits,
-                self.executor.slot_count().div_ceil(2),
-            )
-            .await;
-        }
-        self.start_due_retries(&mut permits);
-        self.start_ready(&mut permits);
-        self.lost_scan |= self.reconnected();
-        if self.lost_scan && self.backlog_cursor.is_none() && !permits.is_empty() {
-            self.lost_scan = Box::pin(self.recover_lost(&mut permits)).await;
-        }
-        if self.backlog_cursor.is_none()
-            && let Some(cursor) = self.claim_cursor.take()
-        {
-            self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
-        }
-        // With per-key order, a read may bring entries that wait behind their key: read
-        // no more than there is room for them.
-        let count = match &self.order {
-            Some(order) => permits.len().min(order.room()),
-            None => permits.len(),
-        };
-        if count == 0 {
-            if !permits.is_empty() {
-                // Every slot could run, but the waiting room is full: wait for a change.
-                return self.wait_for_room(shutdown, waits).await;
-            }
-            return true;
-        }
-        let Some(read) = self.read(count, shutdown, waits).await else {
-            return false;
-        };
-        let entries = match read {
-            Ok(entries) => {
-                self.read_backoff.reset();
-                entries
-            }
-            Err(error) => {
-                self.lost_scan = true;
-                Box::pin(self.read_failed(error, shutdown)).await;
-                return true;
-            }
-        };
-        if self.backlog_cursor.is_none() {
-            for entry in entries {
-                // A fresh delivery (`>`) always has delivery count 1.
-                self.take(entry, 1, &mut permits);
-            }
-            return true;
-        }
-        match Box::pin(recovery::attempt_numbers(&self.cmds, &entries)).await {
-            Ok(attempts) => {
-                self.backlog_cursor = entries.last().map(|e| e.id.clone());
-                if self.backlog_cursor.is_none() {
-                    tracing::debug!("own pending entries done; reading new ones");
-                }
-                for entry in entries {
-                    let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
-                    self.take(entry, attempt, &mut permits);
-                }
-            }
-            // The read bumped their counters; they stay pending and the cursor stays
-            // put, so the next round reads them again.
-            Err(error) => Box::pin(self.read_failed(error, shutdown)).await,
-        }
-        true
-    }
-
-    /// Reads up to `count` entries: our own pending ones while the backlog lasts, then new
-    /// ones with BLOCK. While the read blocks, reports and background steps are handled;
-    /// a retry that falls due before the read would return interrupts it (CLIENT UNBLOCK
-    /// ... TIMEOUT: it returns as if timed out, delivering nothing), so a retry is never
-    /// late by up to `block`. `None` at shutdown.
-    async fn read(
-        &mut self,
-        count: usize,
-        shutdown: &Shutdown,
-        waits: &mut Waits<'_>,
-    ) -> Option<Result<Vec<Entry>, RedisError>> {
-        let (id, block) = match &self.backlog_cursor {
-            Some(cursor) => (cursor.clone(), None),
-            None => (">".to_owned(), Some(self.block_for())),
-        };
-        let ends = block.map(|block| Instant::now() + block);
-        let reader = self.reader.clone();
-        // Boxed: an idle loop waits here, and its task is as large as this state.
-        let mut read = Box::pin(async move { reader.read(count, block, &id).await });
-        let mut wake_at: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                biased;
-                r = &mut read => return Some(r),
-                // Dropping the read is safe: anything it delivered is in our pending
-                // list and is picked up by the next start (or another consumer's claim).
-                _ = shutdown.stopping() => return None,
-                event = self.next_event(waits.timers) => self.handle(event),
-                _ = waits.beat.tick() => waits.alive.beat(),
-                _ = sleep_until_some(wake_at) => {
-                    wake_at = None;
-                    self.reader.unblock().await;
-                }
-            }
-            if let (Some(ends), Some(due)) = (ends, self.retries.next_due())
-                && due < ends
-                && wake_at.is_none_or(|w| due < w)
-            {
-                wake_at = Some(due);
-            }
-        }
-    }
-
-    /// Waits (holding the round's slots) until something happens that may make room for
-    /// waiting entries, or a retry falls due. `false` at shutdown.
-    async fn wait_for_room(&mut self, shutdown: &Shutdown, waits: &mut Waits<'_>) -> bool {
-        let due = self.retries.next_due();
-        tokio::select! {
-            _ = shutdown.stopping() => return false,
-            event = self.next_event(waits.timers) => self.handle(event),
-            _ = waits.beat.tick() => waits.alive.beat(),
-            _ = sleep_until_some(due) => {}
-        }
-        true
     }
 
     /// Takes a delivered entry: one slot, then admitted, run or settled at once.
@@ -517,7 +361,7 @@ impl StreamLoop {
     }
 
     /// Starts entries whose key came free, with `permits` first, then free slots.
-    fn start_ready(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
+    pub(super) fn start_ready(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
         while !self.stopping {
             let Some(order) = &mut self.order else { return };
             if !order.has_ready() {
@@ -540,7 +384,7 @@ impl StreamLoop {
     }
 
     /// Updates the ordering gauges.
-    fn order_changed(&self) {
+    pub(super) fn order_changed(&self) {
         if let Some(order) = &self.order {
             self.metrics.set_order(order.waiting(), order.keys_held());
         }
@@ -644,7 +488,7 @@ impl StreamLoop {
     }
 
     /// Starts the retries that are due, one free slot each.
-    fn start_due_retries(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
+    pub(super) fn start_due_retries(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
         let now = Instant::now();
         while !permits.is_empty() {
             let Some((id, retry)) = self.retries.pop_due(now) else {
@@ -700,196 +544,6 @@ impl StreamLoop {
                     self.retries.push(id, due, Retry::Claim);
                 }
             }
-        }
-    }
-
-    /// Keeps the entries we hold fresh (idle time reset) every `claim_idle / 3`, so other
-    /// consumers' XAUTOCLAIM never takes an entry whose handler is healthy. Entries whose
-    /// ack is not confirmed yet (Redis was away) and reruns waiting for resources are ours
-    /// too.
-    fn refresh(&mut self) {
-        let mut ids: Vec<String> = self.busy.keys().cloned().collect();
-        ids.extend(self.retries.reruns().cloned());
-        if let Some(order) = &self.order {
-            ids.extend(order.waiting_ids().cloned());
-        }
-        ids.extend(self.acker.unconfirmed());
-        if ids.is_empty() {
-            return;
-        }
-        let cmds = self.cmds.clone();
-        self.chores.spawn(
-            async move {
-                if let Err(error) = Box::pin(cmds.touch(ids)).await {
-                    tracing::warn!(%error, "cannot refresh running entries (XCLAIM JUSTID)");
-                }
-            }
-            .in_current_span(),
-        );
-    }
-
-    /// Samples the group's pending count and lag into the metrics.
-    fn sample(&mut self) {
-        let (cmds, metrics) = (self.cmds.clone(), self.metrics.clone());
-        self.chores.spawn(
-            async move {
-                match Box::pin(cmds.group_stats()).await {
-                    Ok(Some((pending, lag))) => {
-                        metrics.set_pending(i64::try_from(pending).unwrap_or(i64::MAX));
-                        // Unknown lag (Redis cannot tell after some trims) is exported as -1.
-                        metrics.set_lag(lag.and_then(|l| i64::try_from(l).ok()).unwrap_or(-1));
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::debug!(%error, "XINFO GROUPS failed"),
-                }
-            }
-            .in_current_span(),
-        );
-    }
-
-    /// How long the next `>` read may block: `block`, but no longer than until the next
-    /// retry is due.
-    fn block_for(&mut self) -> Duration {
-        let block = self.cfg.block;
-        match self.retries.next_due() {
-            Some(due) => block
-                .min(due.saturating_duration_since(Instant::now()))
-                .max(Duration::from_millis(1)),
-            None => block,
-        }
-    }
-
-    /// Whether the reader reconnected since the last call.
-    fn reconnected(&mut self) -> bool {
-        let mut any = false;
-        loop {
-            match self.reconnects.try_recv() {
-                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => any = true,
-                Err(_) => return any,
-            }
-        }
-    }
-
-    async fn read_failed(&mut self, error: RedisError, shutdown: &Shutdown) {
-        let delay = self.read_backoff.fail();
-        if error.is_nogroup() {
-            tracing::warn!("consumer group is gone (NOGROUP); recreating it");
-            if let Err(error) = self.ensure_group().await {
-                tracing::warn!(%error, "recreating the consumer group failed");
-            }
-        } else {
-            tracing::warn!(%error, retry_in = ?delay, "XREADGROUP failed");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.stopping() => {}
-        }
-    }
-
-    /// After stop: no reads; running handlers finish (or are aborted by the shutdown
-    /// clock); waiting retries are dropped and stay pending for the next start.
-    async fn drain(mut self, mut timers: Timers) {
-        self.stopping = true;
-        // Claims under way and waiting retries are dropped: their entries are ours and
-        // pending, and the next start (or another consumer's claim) runs them.
-        self.retries.clear();
-        self.claims.abort_all();
-        self.busy.retain(|_, b| !matches!(b, Busy::Claiming));
-        if let Some(order) = &mut self.order {
-            let waiting = order.clear();
-            if waiting > 0 {
-                tracing::info!(
-                    waiting,
-                    "entries waiting for their key stay pending for the next start"
-                );
-            }
-            self.order_changed();
-        }
-        let running = self
-            .busy
-            .values()
-            .filter(|b| matches!(b, Busy::Running(_)))
-            .count();
-        if running > 0 {
-            tracing::info!(running, "waiting for running handlers");
-        }
-        let executor = self.executor.clone();
-        let mut stopped = std::pin::pin!(async move { executor.shutdown().await });
-        let mut executor_done = false;
-        while !executor_done || !self.busy.is_empty() {
-            tokio::select! {
-                () = &mut stopped, if !executor_done => executor_done = true,
-                event = self.next_event(&mut timers) => self.handle(event),
-            }
-        }
-        self.chores.abort_all();
-        let StreamLoop {
-            cmds,
-            acker,
-            ack_task,
-            reader,
-            ..
-        } = self;
-        // Dropping the last Acker lets the ack task flush and end.
-        drop(acker);
-        if let Err(left) = ack_task.finish(FINAL_FLUSH).await {
-            tracing::error!(
-                unacked = left.len(),
-                ids = %preview(&left),
-                "final acks did not reach redis in time; those entries stay pending and will run again"
-            );
-        }
-        let goodbye = async {
-            recovery::leave_group_if_idle(&cmds).await;
-            reader.quit().await;
-        };
-        if tokio::time::timeout(GOODBYE_TIMEOUT * 2, goodbye)
-            .await
-            .is_err()
-        {
-            tracing::warn!("redis did not answer the goodbye in time");
-        }
-        tracing::info!("consume loop stopped");
-    }
-}
-
-/// The first few of `ids`, for a log line.
-fn preview(ids: &[String]) -> String {
-    const SHOWN: usize = 10;
-    let mut text = ids
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(",");
-    if ids.len() > SHOWN {
-        text.push_str(",…");
-    }
-    text
-}
-
-/// Sleeps until `at`, or forever when `None`.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Collects more free slots until there are `want`, or [`READ_LINGER`] has passed.
-async fn gather_slots(
-    slots: &Arc<Semaphore>,
-    permits: &mut Vec<OwnedSemaphorePermit>,
-    want: usize,
-) {
-    let deadline = Instant::now() + READ_LINGER;
-    while permits.len() < want {
-        tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permits.push(permit),
-                Err(_) => return,
-            },
-            _ = tokio::time::sleep_until(deadline) => return,
         }
     }
 }

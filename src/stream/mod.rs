@@ -14,7 +14,8 @@
 //! deliveries, idle entries of dead consumers and due retries come back through
 //! [`recovery`].
 //!
-//! - [`consume`]: the loop's state and its event dispatch.
+//! - [`consume`]: the loop's state and its event dispatch; `read`: the read round and the
+//!   blocking read; `upkeep`: refreshing what it holds, sampling, the drain.
 //! - [`settle`]: pure decisions: admit an entry, settle a run.
 //! - [`retry`]: the timer heap of waiting retries.
 //! - [`order`]: per-key ordering (`order_by`): entries waiting behind their key.
@@ -27,8 +28,10 @@ pub(crate) mod consume;
 pub(crate) mod dlq;
 pub(crate) mod order;
 pub(crate) mod payload;
+mod read;
 pub(crate) mod recovery;
 pub(crate) mod retry;
 pub(crate) mod settle;
+pub(crate) mod upkeep;
 
 pub use consume::{LoopHooks, StreamLoop};
