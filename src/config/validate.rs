@@ -9,8 +9,8 @@ use super::locate::{KeyPath, Locator};
 use super::program::resolve_program;
 use super::raw::{RawConfig, RawDaemon, RawRedis, RawStream};
 use super::{
-    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Host, PayloadMode, REDIS_URL_ENV,
-    RedisConfig, StreamConfig, redact_url,
+    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Overrides, PayloadMode,
+    REDIS_URL_ENV, RedisConfig, StreamConfig, redact_url,
 };
 
 /// The longest duration any key accepts.
@@ -49,7 +49,7 @@ const RESERVED_ENV_PREFIX: &str = "REDIS_STREAMD_";
 /// Everything validation needs: where keys are in the file, and the process's part.
 pub(super) struct Ctx<'a> {
     pub(super) loc: Locator<'a>,
-    pub(super) host: &'a Host,
+    pub(super) env: &'a Overrides,
 }
 
 impl Ctx<'_> {
@@ -66,14 +66,10 @@ impl Ctx<'_> {
             .unwrap_or(Path::new("."))
     }
 
-    pub(super) fn validate(
-        &self,
-        raw: RawConfig,
-        env_url: Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         Ok(Config {
             path: self.loc.file.to_path_buf(),
-            redis: self.redis(raw.redis.unwrap_or_default(), env_url)?,
+            redis: self.redis(raw.redis.unwrap_or_default(), self.env.redis_url.clone())?,
             daemon: self.daemon(raw.daemon.unwrap_or_default())?,
             streams: self.streams(raw.streams.unwrap_or_default())?,
         })
@@ -107,7 +103,7 @@ impl Ctx<'_> {
 
     fn daemon(&self, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
         let key = KeyPath::new("daemon");
-        let consumer = match (self.host.consumer_env.clone(), raw.consumer) {
+        let consumer = match (self.env.consumer.clone(), raw.consumer) {
             (Some(c), _) if c.is_empty() => {
                 return Err(self.invalid(
                     &key.key("consumer"),
@@ -140,7 +136,9 @@ impl Ctx<'_> {
     }
 
     fn default_consumer(&self, key: &KeyPath) -> Result<String, ConfigError> {
-        (self.host.hostname)()
+        self.env
+            .hostname
+            .clone()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| {
                 self.invalid(
@@ -479,7 +477,7 @@ impl Ctx<'_> {
                 "must not be empty: the first element is the program to run",
             ));
         };
-        *program = resolve_program(program, self.config_dir(), self.host.path_var.as_deref())
+        *program = resolve_program(program, self.config_dir(), self.env.path.as_deref())
             .map_err(|why| self.invalid(key, why))?;
         Ok(argv)
     }
@@ -524,19 +522,18 @@ fn check_env_var(name: &str, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::super::tests::*;
-    use super::super::{Host, load_with};
     use super::*;
 
     #[test]
     fn consumer_env_wins_over_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(&dir, &with("[daemon]\nconsumer = \"from-file\"\n"));
-        let mut h = host();
-        h.consumer_env = Some("host-1-a".into());
-        let config = load_with(&path, None, &h).unwrap();
+        let mut o = overrides();
+        o.consumer = Some("host-1-a".into());
+        let config = Config::load(&path, &o).unwrap();
         assert_eq!(config.daemon.consumer, "host-1-a");
-        h.consumer_env = Some(String::new());
-        let (_, key, message) = invalid_from(load_with(&path, None, &h));
+        o.consumer = Some(String::new());
+        let (_, key, message) = invalid_from(Config::load(&path, &o));
         assert_eq!(key, "daemon.consumer");
         assert!(message.contains("REDIS_STREAMD_CONSUMER"), "{message}");
     }
@@ -703,12 +700,12 @@ reap_idle = "2h"
     #[test]
     fn unknown_hostname_asks_for_consumer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let no_host = Host {
-            hostname: || None,
-            ..host()
+        let no_host = Overrides {
+            hostname: None,
+            ..overrides()
         };
         let text = format!("[daemon]\nshutdown_timeout = \"5s\"\n{MINIMAL}");
-        let (line, key, message) = invalid_from(load_with(&write(&dir, &text), None, &no_host));
+        let (line, key, message) = invalid_from(Config::load(&write(&dir, &text), &no_host));
         assert_eq!((line, key.as_str()), (1, "daemon.consumer"));
         assert!(message.contains("set [daemon] consumer"), "{message}");
     }
