@@ -494,3 +494,41 @@ fn exits_before_connecting() {
         "the daemon connected to Redis before validating its config"
     );
 }
+
+/// Issue #14, item 3: counts that size processes and memory are bounded. `--check` used to
+/// accept 100000000 (over 1.5 GB before the first entry) and 2^63-1 (a panic inside the
+/// semaphore); in worker mode each is a process started at once.
+#[test]
+fn check_rejects_counts_beyond_their_limit() {
+    let fx = Fixture::new();
+    for (n, name) in [
+        ("100000000", "huge.toml"),
+        ("9223372036854775807", "max.toml"),
+    ] {
+        let text = fx
+            .valid()
+            .replace("max_block_read = 2", &format!("max_block_read = {n}"));
+        let path = fx.write(name, &text);
+        let out = run_cli(
+            &[Path::new("--config"), &path, Path::new("--check")],
+            &[],
+            MEDIUM,
+        );
+        let line = line_of(&text, "max_block_read = ");
+        check_config_error(&out, &path, &[line], &["streams[0].max_block_read"], &text);
+        assert!(out.stderr.contains("at most 10000"), "{out}");
+    }
+    let text = fx.valid().replace(
+        "max_block_read = 2",
+        "mode = \"worker\"\nmax_block_read = 5000",
+    );
+    let path = fx.write("workers.toml", &text);
+    let out = run_cli(
+        &[Path::new("--config"), &path, Path::new("--check")],
+        &[],
+        MEDIUM,
+    );
+    let line = line_of(&text, "max_block_read = 5000");
+    check_config_error(&out, &path, &[line], &["streams[0].max_block_read"], &text);
+    assert!(out.stderr.contains("at most 1024"), "{out}");
+}

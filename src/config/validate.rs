@@ -24,9 +24,24 @@ const DEFAULT_MAX_BLOCK_READ: u64 = 10;
 /// their speed, see `worker`); measured on 2 cores, 16 gives ~0.8 and 32 ~0.9 of the
 /// Redis ceiling with a trivial worker.
 const DEFAULT_WORKER_PREFETCH: u64 = 32;
+
+// ---------------------------------------------------------------------------------------
+// Limits of counts that size processes or memory (README: "Limits"). Without them a typo
+// (an extra 0 or three) sizes the daemon's slots, or its worker processes, at start.
+
+/// Exec mode: handler processes one stream may run at once. Each is a process, a task and
+/// a few pipes in the daemon; thousands at once already exceed the usual process and
+/// descriptor limits of a host, and 10,000 is far beyond what one stream can use.
+const MAX_BLOCK_READ_EXEC: usize = 10_000;
+/// Worker mode: long-lived processes, all started with the daemon.
+const MAX_BLOCK_READ_WORKER: usize = 1_024;
 /// More would only hold entries back from other consumers: at this depth a worker already
 /// never waits for the daemon.
 const MAX_WORKER_PREFETCH: usize = 1000;
+/// For `order_waiting_max` (issue #12, not yet a key): entries held in memory while they
+/// wait behind a busy key, as many as exec mode may run at once.
+#[allow(dead_code)] // until `order_waiting_max` uses it
+pub(crate) const MAX_ORDER_WAITING: usize = 10_000;
 const DEFAULT_BLOCK: Duration = Duration::from_secs(5);
 const DEFAULT_START_ID: &str = "$";
 const DEFAULT_PAYLOAD_FIELD: &str = "payload";
@@ -219,7 +234,11 @@ impl Ctx<'_> {
             group: self.required(&key("group"), raw.group)?,
             handler: self.handler(&key("handler"), raw.handler)?,
             mode,
-            max_block_read: self.max_block_read(&key("max_block_read"), raw.max_block_read)?,
+            max_block_read: self.max_block_read(
+                &key("max_block_read"),
+                raw.max_block_read,
+                mode,
+            )?,
             worker_prefetch: self.worker_prefetch(
                 &key("worker_prefetch"),
                 raw.worker_prefetch,
@@ -307,9 +326,36 @@ impl Ctx<'_> {
             .ok_or_else(|| self.invalid(key, format!("must be at least 1 (got {n})")))
     }
 
-    fn max_block_read(&self, key: &KeyPath, value: Option<i64>) -> Result<usize, ConfigError> {
+    fn max_block_read(
+        &self,
+        key: &KeyPath,
+        value: Option<i64>,
+        mode: HandlerMode,
+    ) -> Result<usize, ConfigError> {
         let n = self.at_least_one(key, value, DEFAULT_MAX_BLOCK_READ)?;
-        usize::try_from(n).map_err(|_| self.invalid(key, format!("{n} is too large")))
+        let (max, what) = match mode {
+            HandlerMode::Exec => (
+                MAX_BLOCK_READ_EXEC,
+                "handler processes this stream may run at once",
+            ),
+            HandlerMode::Worker => (
+                MAX_BLOCK_READ_WORKER,
+                "worker processes started with the daemon",
+            ),
+        };
+        let mode = match mode {
+            HandlerMode::Exec => "",
+            HandlerMode::Worker => " with mode = \"worker\"",
+        };
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("must be at most {max}{mode} (got {n}): the number of {what}"),
+                )
+            })
     }
 
     fn worker_prefetch(
@@ -828,6 +874,36 @@ reap_idle = "2h"
         ] {
             assert_invalid(&with(&format!("{extra}\n")), EXTRA, key, "at least 1");
         }
+    }
+
+    #[test]
+    fn counts_that_size_processes_have_an_upper_bound() {
+        assert_eq!(
+            ok(&with("max_block_read = 10000\n")).streams[0].max_block_read,
+            10_000
+        );
+        for n in ["10001", "100000000", "9223372036854775807"] {
+            assert_invalid(
+                &with(&format!("max_block_read = {n}\n")),
+                EXTRA,
+                "streams[0].max_block_read",
+                &format!("must be at most 10000 (got {n})"),
+            );
+        }
+        let worker = |n: &str| with(&format!("mode = \"worker\"\nmax_block_read = {n}\n"));
+        assert_eq!(ok(&worker("1024")).streams[0].max_block_read, 1024);
+        assert_invalid(
+            &worker("1025"),
+            EXTRA + 1,
+            "streams[0].max_block_read",
+            "must be at most 1024 with mode = \"worker\" (got 1025)",
+        );
+        assert_invalid(
+            &with("mode = \"worker\"\nworker_prefetch = 9223372036854775807\n"),
+            EXTRA + 1,
+            "streams[0].worker_prefetch",
+            "must be at most 1000",
+        );
     }
 
     #[test]
