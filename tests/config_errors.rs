@@ -532,3 +532,27 @@ fn check_rejects_counts_beyond_their_limit() {
     check_config_error(&out, &path, &[line], &["streams[0].max_block_read"], &text);
     assert!(out.stderr.contains("at most 1024"), "{out}");
 }
+
+/// Issue #14, item 4: a dead-letter stream that the daemon also consumes makes failed
+/// entries run again, and with two streams dead-lettering to each other they went round
+/// hundreds of times a second. `--check` refuses it, naming the key and both streams.
+#[test]
+fn check_rejects_a_dlq_that_is_a_consumed_stream() {
+    let fx = Fixture::new();
+    let text = fx
+        .valid()
+        .replace("max_attempts = 3", "max_attempts = 3\ndlq = \"payments\"")
+        + "dlq = \"orders\"\n";
+    let path = fx.write("dlq-cycle.toml", &text);
+    let out = run_cli(
+        &[Path::new("--config"), &path, Path::new("--check")],
+        &[],
+        MEDIUM,
+    );
+    let line = line_of(&text, "dlq = \"payments\"");
+    check_config_error(&out, &path, &[line], &["streams[0].dlq"], &text);
+    assert!(
+        out.stderr.contains("\"orders\"") && out.stderr.contains("\"payments\""),
+        "both streams named\n{out}"
+    );
+}

@@ -170,13 +170,46 @@ impl Ctx<'_> {
                 "no [[streams]] table: at least one stream is required",
             ));
         }
+        let dlq_written: Vec<bool> = raws.iter().map(|raw| raw.dlq.is_some()).collect();
         let streams = raws
             .into_iter()
             .enumerate()
             .map(|(i, raw)| self.stream(i, raw))
             .collect::<Result<Vec<_>, _>>()?;
         self.check_unique(&streams)?;
+        self.check_dlq_not_consumed(&streams, &dlq_written)?;
         Ok(streams)
+    }
+
+    /// A DLQ that the daemon also consumes runs failed entries again; two streams that
+    /// dead-letter to each other bounce a failing entry back and forth for ever. Any chain
+    /// that leads back to a consumed stream has a first link to one, which this refuses.
+    fn check_dlq_not_consumed(
+        &self,
+        streams: &[StreamConfig],
+        dlq_written: &[bool],
+    ) -> Result<(), ConfigError> {
+        for (j, s) in streams.iter().enumerate() {
+            let Some(i) = streams.iter().position(|t| t.name == s.dlq) else {
+                continue;
+            };
+            let default = if dlq_written.get(j).copied().unwrap_or(true) {
+                ""
+            } else {
+                " (the default)"
+            };
+            return Err(self.invalid(
+                &stream_key(j, "dlq"),
+                format!(
+                    "stream {:?} dead-letters to {:?}{default}, which this daemon consumes \
+                     (streams[{i}]): a dead-letter stream must never be a consumed stream, or \
+                     failed entries run again (and go round for ever when it dead-letters \
+                     back); set dlq to a stream no [[streams]] table reads",
+                    s.name, s.dlq
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Two loops on one (stream, group) would read as the same consumer and race each other.
@@ -993,6 +1026,40 @@ reap_idle = "2h"
             "streams[0].dlq",
             "must differ",
         );
+    }
+
+    #[test]
+    fn dlq_must_not_be_a_consumed_stream() {
+        let second = |extra: &str| {
+            format!("\n[[streams]]\nname = \"audit\"\ngroup = \"g\"\nhandler = [\"sh\"]\n{extra}")
+        };
+        // orders -> audit, audit -> orders: a cycle.
+        let text = with(&format!(
+            "dlq = \"audit\"\n{}",
+            second("dlq = \"orders\"\n")
+        ));
+        let (line, key, message) = invalid(&text);
+        assert_eq!((line, key.as_str()), (EXTRA, "streams[0].dlq"), "{message}");
+        for needle in ["\"orders\"", "\"audit\"", "streams[1]"] {
+            assert!(message.contains(needle), "{message:?} lacks {needle}");
+        }
+        // A chain that ends in a consumed stream is refused too, at its first link.
+        let text = with(&second("dlq = \"orders\"\n"));
+        assert_invalid(
+            &text,
+            EXTRA + 5,
+            "streams[1].dlq",
+            "which this daemon consumes (streams[0]",
+        );
+        // The default name: the key is not written, so the error points at the table.
+        let text =
+            with("\n[[streams]]\nname = \"orders:dlq\"\ngroup = \"g\"\nhandler = [\"sh\"]\n");
+        assert_invalid(&text, 4, "streams[0].dlq", "\"orders:dlq\" (the default)");
+        // Two streams sharing one DLQ that nobody consumes: fine.
+        ok(&with(&format!(
+            "dlq = \"dead\"\n{}",
+            second("dlq = \"dead\"\n")
+        )));
     }
 
     #[test]
