@@ -5,6 +5,8 @@
 //! everything it runs lives in these modules so the loops can be driven from tests.
 //! README.md's "Architecture" section describes how one entry flows through them.
 //!
+//! - [`app`] and [`error`]: running the daemon as a process, and every reason it exits
+//!   non-zero with its exit code.
 //! - [`config`]: the TOML schema, defaults, validation and locating keys for errors.
 //! - [`supervisor`]: connections, one loop per stream, reload, shutdown order.
 //! - [`stream`]: the consume loop: reads, slots, settling (ack / retry / dead-letter),
@@ -15,8 +17,10 @@
 //!   consumer) type, shared by all of the above.
 //! - [`ops`]: signals and shutdown, reaper, sd_notify, metrics and health, logging.
 
+pub mod app;
 pub(crate) mod backoff;
 pub mod config;
+pub mod error;
 pub mod exec;
 pub(crate) mod identity;
 pub mod ops;

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, REDIS_URL_ENV, StreamConfig};
+use crate::config::{Config, Overrides, StreamConfig};
 use crate::exec::KILL_GRACE;
 use crate::ops::metrics::{self, Health, Metrics};
 use crate::ops::notify::{self, Liveness};
@@ -289,10 +289,9 @@ impl Daemon {
     /// stream never runs more than `max_block_read` handlers).
     async fn reload(&mut self) {
         let path = self.config.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            Config::load(&path, std::env::var(REDIS_URL_ENV).ok())
-        })
-        .await;
+        let loaded =
+            tokio::task::spawn_blocking(move || Config::load(&path, &Overrides::from_process()))
+                .await;
         let new = match loaded {
             Ok(Ok(config)) => config,
             Ok(Err(error)) => {

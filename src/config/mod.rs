@@ -168,15 +168,27 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`. `env_url` is the value of
-    /// [`REDIS_URL_ENV`] if set; it wins over `[redis] url`.
-    pub fn load(path: &Path, env_url: Option<String>) -> Result<Config, ConfigError> {
-        let host = Host {
-            path_var: std::env::var_os("PATH"),
-            hostname: system_hostname,
-            consumer_env: std::env::var(CONSUMER_ENV).ok(),
+    /// Reads, parses and validates `path`. Everything it takes from the process rather
+    /// than the file comes in `overrides` (see [`Overrides::from_process`]).
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // toml_edit keeps the span of every key, which serde's result does not; it is the
+        // map from a key path back to a line for every error found after deserializing.
+        let doc = toml_edit::Document::parse(text.as_str())
+            .map_err(|err| syntax_error(path, &text, &err))?;
+        let ctx = Ctx {
+            loc: Locator {
+                file: path,
+                text: &text,
+                doc: &doc,
+            },
+            env: overrides,
         };
-        load_with(path, env_url, &host)
+        let raw: RawConfig = toml::from_str(&text).map_err(|err| ctx.loc.serde_error(&err))?;
+        ctx.validate(raw)
     }
 
     /// A short human summary of the streams, printed by `--check`.
@@ -237,44 +249,32 @@ use locate::{Locator, syntax_error};
 use raw::RawConfig;
 use validate::Ctx;
 
-// ---------------------------------------------------------------------------------------
-// Loading.
-
-/// What loading takes from the process rather than the file, passed in so tests control it.
-struct Host {
-    /// `PATH`, searched for handler programs without a '/'.
-    path_var: Option<std::ffi::OsString>,
-    /// The default consumer name; `None` when it cannot be determined.
-    hostname: fn() -> Option<String>,
-    /// [`CONSUMER_ENV`], which wins over `[daemon] consumer`.
-    consumer_env: Option<String>,
+/// What loading takes from the process rather than the file. [`Overrides::from_process`]
+/// is the one place that reads them; tests build the struct by hand.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// [`REDIS_URL_ENV`]: wins over `[redis] url`.
+    pub redis_url: Option<String>,
+    /// [`CONSUMER_ENV`]: wins over `[daemon] consumer`.
+    pub consumer: Option<String>,
+    /// `PATH`, searched for handler programs without a '/' (execvp's default when `None`).
+    pub path: Option<std::ffi::OsString>,
+    /// The host name, the default consumer name; `None` when it cannot be determined.
+    pub hostname: Option<String>,
 }
 
-fn system_hostname() -> Option<String> {
-    nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
-}
-
-fn load_with(path: &Path, env_url: Option<String>, host: &Host) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // toml_edit keeps the span of every key, which serde's result does not; it is the map
-    // from a key path back to a line for every error found after deserializing.
-    let doc =
-        toml_edit::Document::parse(text.as_str()).map_err(|err| syntax_error(path, &text, &err))?;
-    let ctx = Ctx {
-        loc: Locator {
-            file: path,
-            text: &text,
-            doc: &doc,
-        },
-        host,
-    };
-    let raw: RawConfig = toml::from_str(&text).map_err(|err| ctx.loc.serde_error(&err))?;
-    ctx.validate(raw, env_url)
+impl Overrides {
+    /// Reads every override from this process's environment and the host name.
+    pub fn from_process() -> Overrides {
+        Overrides {
+            redis_url: std::env::var(REDIS_URL_ENV).ok(),
+            consumer: std::env::var(CONSUMER_ENV).ok(),
+            path: std::env::var_os("PATH"),
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,11 +325,12 @@ handler = ["sh", "-c", "cat"]
 "#;
     pub(super) const EXTRA: usize = 8;
 
-    pub(super) fn host() -> Host {
-        Host {
-            path_var: Some("/usr/bin:/bin".into()),
-            hostname: || Some("testhost".to_string()),
-            consumer_env: None,
+    pub(super) fn overrides() -> Overrides {
+        Overrides {
+            redis_url: None,
+            consumer: None,
+            path: Some("/usr/bin:/bin".into()),
+            hostname: Some("testhost".to_string()),
         }
     }
 
@@ -345,7 +346,11 @@ handler = ["sh", "-c", "cat"]
 
     pub(super) fn load_text_env(text: &str, env_url: Option<&str>) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");
-        load_with(&write(&dir, text), env_url.map(String::from), &host())
+        let overrides = Overrides {
+            redis_url: env_url.map(String::from),
+            ..overrides()
+        };
+        Config::load(&write(&dir, text), &overrides)
     }
 
     pub(super) fn load_text(text: &str) -> Result<Config, ConfigError> {
@@ -386,10 +391,10 @@ handler = ["sh", "-c", "cat"]
     }
 
     #[test]
-    fn public_load_defaults_consumer_to_the_host_name() {
+    fn overrides_from_process_default_consumer_to_the_host_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = MINIMAL.replace("\"sh\"", "\"/bin/sh\"");
-        let c = Config::load(&write(&dir, &text), None).expect("valid");
+        let c = Config::load(&write(&dir, &text), &Overrides::from_process()).expect("valid");
         let hostname = nix::unistd::gethostname().expect("hostname");
         assert_eq!(c.daemon.consumer, hostname.to_string_lossy());
     }
@@ -398,7 +403,7 @@ handler = ["sh", "-c", "cat"]
     fn error_display_is_file_line_key_message() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, &with("max_block_read = 0\n"));
-        let err = load_with(&path, None, &host()).expect_err("invalid");
+        let err = Config::load(&path, &overrides()).expect_err("invalid");
         assert_eq!(
             err.to_string(),
             format!(
@@ -412,7 +417,7 @@ handler = ["sh", "-c", "cat"]
     fn unreadable_file_is_a_read_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("missing.toml");
-        let err = load_with(&path, None, &host()).expect_err("missing file");
+        let err = Config::load(&path, &overrides()).expect_err("missing file");
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         assert!(err.to_string().starts_with(&path.display().to_string()));
     }

@@ -9,8 +9,8 @@ use super::locate::{KeyPath, Locator};
 use super::program::resolve_program;
 use super::raw::{RawConfig, RawDaemon, RawRedis, RawStream};
 use super::{
-    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Host, OrderConfig, OrderKey,
-    OrderScope, PayloadMode, REDIS_URL_ENV, RedisConfig, StreamConfig, redact_url,
+    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, OrderConfig, OrderKey,
+    OrderScope, Overrides, PayloadMode, REDIS_URL_ENV, RedisConfig, StreamConfig, redact_url,
 };
 
 /// The longest duration any key accepts.
@@ -24,12 +24,24 @@ const DEFAULT_MAX_BLOCK_READ: u64 = 10;
 /// their speed, see `worker`); measured on 2 cores, 16 gives ~0.8 and 32 ~0.9 of the
 /// Redis ceiling with a trivial worker.
 const DEFAULT_WORKER_PREFETCH: u64 = 32;
+
+// ---------------------------------------------------------------------------------------
+// Limits of counts that size processes or memory (README: "Limits"). Without them a typo
+// (an extra 0 or three) sizes the daemon's slots, or its worker processes, at start.
+
+/// Exec mode: handler processes one stream may run at once. Each is a process, a task and
+/// a few pipes in the daemon; thousands at once already exceed the usual process and
+/// descriptor limits of a host, and 10,000 is far beyond what one stream can use.
+const MAX_BLOCK_READ_EXEC: usize = 10_000;
+/// Worker mode: long-lived processes, all started with the daemon.
+const MAX_BLOCK_READ_WORKER: usize = 1_024;
 /// More would only hold entries back from other consumers: at this depth a worker already
 /// never waits for the daemon.
 const MAX_WORKER_PREFETCH: usize = 1000;
-/// `order_waiting_max` default and bound: waiting entries are held in memory, whole.
+/// `order_waiting_max`: entries held in memory, whole, while they wait behind a busy
+/// key; at most as many as exec mode may run at once.
 const DEFAULT_ORDER_WAITING_MAX: u64 = 100;
-const MAX_ORDER_WAITING: u64 = 100_000;
+const MAX_ORDER_WAITING: u64 = 10_000;
 const DEFAULT_BLOCK: Duration = Duration::from_secs(5);
 const DEFAULT_START_ID: &str = "$";
 const DEFAULT_PAYLOAD_FIELD: &str = "payload";
@@ -52,7 +64,7 @@ const RESERVED_ENV_PREFIX: &str = "REDIS_STREAMD_";
 /// Everything validation needs: where keys are in the file, and the process's part.
 pub(super) struct Ctx<'a> {
     pub(super) loc: Locator<'a>,
-    pub(super) host: &'a Host,
+    pub(super) env: &'a Overrides,
 }
 
 impl Ctx<'_> {
@@ -69,14 +81,10 @@ impl Ctx<'_> {
             .unwrap_or(Path::new("."))
     }
 
-    pub(super) fn validate(
-        &self,
-        raw: RawConfig,
-        env_url: Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         Ok(Config {
             path: self.loc.file.to_path_buf(),
-            redis: self.redis(raw.redis.unwrap_or_default(), env_url)?,
+            redis: self.redis(raw.redis.unwrap_or_default(), self.env.redis_url.clone())?,
             daemon: self.daemon(raw.daemon.unwrap_or_default())?,
             streams: self.streams(raw.streams.unwrap_or_default())?,
         })
@@ -110,7 +118,7 @@ impl Ctx<'_> {
 
     fn daemon(&self, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
         let key = KeyPath::new("daemon");
-        let consumer = match (self.host.consumer_env.clone(), raw.consumer) {
+        let consumer = match (self.env.consumer.clone(), raw.consumer) {
             (Some(c), _) if c.is_empty() => {
                 return Err(self.invalid(
                     &key.key("consumer"),
@@ -143,7 +151,9 @@ impl Ctx<'_> {
     }
 
     fn default_consumer(&self, key: &KeyPath) -> Result<String, ConfigError> {
-        (self.host.hostname)()
+        self.env
+            .hostname
+            .clone()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| {
                 self.invalid(
@@ -160,13 +170,46 @@ impl Ctx<'_> {
                 "no [[streams]] table: at least one stream is required",
             ));
         }
+        let dlq_written: Vec<bool> = raws.iter().map(|raw| raw.dlq.is_some()).collect();
         let streams = raws
             .into_iter()
             .enumerate()
             .map(|(i, raw)| self.stream(i, raw))
             .collect::<Result<Vec<_>, _>>()?;
         self.check_unique(&streams)?;
+        self.check_dlq_not_consumed(&streams, &dlq_written)?;
         Ok(streams)
+    }
+
+    /// A DLQ that the daemon also consumes runs failed entries again; two streams that
+    /// dead-letter to each other bounce a failing entry back and forth for ever. Any chain
+    /// that leads back to a consumed stream has a first link to one, which this refuses.
+    fn check_dlq_not_consumed(
+        &self,
+        streams: &[StreamConfig],
+        dlq_written: &[bool],
+    ) -> Result<(), ConfigError> {
+        for (j, s) in streams.iter().enumerate() {
+            let Some(i) = streams.iter().position(|t| t.name == s.dlq) else {
+                continue;
+            };
+            let default = if dlq_written.get(j).copied().unwrap_or(true) {
+                ""
+            } else {
+                " (the default)"
+            };
+            return Err(self.invalid(
+                &stream_key(j, "dlq"),
+                format!(
+                    "stream {:?} dead-letters to {:?}{default}, which this daemon consumes \
+                     (streams[{i}]): a dead-letter stream must never be a consumed stream, or \
+                     failed entries run again (and go round for ever when it dead-letters \
+                     back); set dlq to a stream no [[streams]] table reads",
+                    s.name, s.dlq
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Two loops on one (stream, group) would read as the same consumer and race each other.
@@ -224,7 +267,11 @@ impl Ctx<'_> {
             group: self.required(&key("group"), raw.group)?,
             handler: self.handler(&key("handler"), raw.handler)?,
             mode,
-            max_block_read: self.max_block_read(&key("max_block_read"), raw.max_block_read)?,
+            max_block_read: self.max_block_read(
+                &key("max_block_read"),
+                raw.max_block_read,
+                mode,
+            )?,
             worker_prefetch: self.worker_prefetch(
                 &key("worker_prefetch"),
                 raw.worker_prefetch,
@@ -386,9 +433,36 @@ impl Ctx<'_> {
             .ok_or_else(|| self.invalid(key, format!("must be at least 1 (got {n})")))
     }
 
-    fn max_block_read(&self, key: &KeyPath, value: Option<i64>) -> Result<usize, ConfigError> {
+    fn max_block_read(
+        &self,
+        key: &KeyPath,
+        value: Option<i64>,
+        mode: HandlerMode,
+    ) -> Result<usize, ConfigError> {
         let n = self.at_least_one(key, value, DEFAULT_MAX_BLOCK_READ)?;
-        usize::try_from(n).map_err(|_| self.invalid(key, format!("{n} is too large")))
+        let (max, what) = match mode {
+            HandlerMode::Exec => (
+                MAX_BLOCK_READ_EXEC,
+                "handler processes this stream may run at once",
+            ),
+            HandlerMode::Worker => (
+                MAX_BLOCK_READ_WORKER,
+                "worker processes started with the daemon",
+            ),
+        };
+        let mode = match mode {
+            HandlerMode::Exec => "",
+            HandlerMode::Worker => " with mode = \"worker\"",
+        };
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("must be at most {max}{mode} (got {n}): the number of {what}"),
+                )
+            })
     }
 
     fn worker_prefetch(
@@ -556,7 +630,7 @@ impl Ctx<'_> {
                 "must not be empty: the first element is the program to run",
             ));
         };
-        *program = resolve_program(program, self.config_dir(), self.host.path_var.as_deref())
+        *program = resolve_program(program, self.config_dir(), self.env.path.as_deref())
             .map_err(|why| self.invalid(key, why))?;
         Ok(argv)
     }
@@ -601,19 +675,18 @@ fn check_env_var(name: &str, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::super::tests::*;
-    use super::super::{Host, load_with};
     use super::*;
 
     #[test]
     fn consumer_env_wins_over_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(&dir, &with("[daemon]\nconsumer = \"from-file\"\n"));
-        let mut h = host();
-        h.consumer_env = Some("host-1-a".into());
-        let config = load_with(&path, None, &h).unwrap();
+        let mut o = overrides();
+        o.consumer = Some("host-1-a".into());
+        let config = Config::load(&path, &o).unwrap();
         assert_eq!(config.daemon.consumer, "host-1-a");
-        h.consumer_env = Some(String::new());
-        let (_, key, message) = invalid_from(load_with(&path, None, &h));
+        o.consumer = Some(String::new());
+        let (_, key, message) = invalid_from(Config::load(&path, &o));
         assert_eq!(key, "daemon.consumer");
         assert!(message.contains("REDIS_STREAMD_CONSUMER"), "{message}");
     }
@@ -781,12 +854,12 @@ reap_idle = "2h"
     #[test]
     fn unknown_hostname_asks_for_consumer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let no_host = Host {
-            hostname: || None,
-            ..host()
+        let no_host = Overrides {
+            hostname: None,
+            ..overrides()
         };
         let text = format!("[daemon]\nshutdown_timeout = \"5s\"\n{MINIMAL}");
-        let (line, key, message) = invalid_from(load_with(&write(&dir, &text), None, &no_host));
+        let (line, key, message) = invalid_from(Config::load(&write(&dir, &text), &no_host));
         assert_eq!((line, key.as_str()), (1, "daemon.consumer"));
         assert!(message.contains("set [daemon] consumer"), "{message}");
     }
@@ -912,6 +985,36 @@ reap_idle = "2h"
     }
 
     #[test]
+    fn counts_that_size_processes_have_an_upper_bound() {
+        assert_eq!(
+            ok(&with("max_block_read = 10000\n")).streams[0].max_block_read,
+            10_000
+        );
+        for n in ["10001", "100000000", "9223372036854775807"] {
+            assert_invalid(
+                &with(&format!("max_block_read = {n}\n")),
+                EXTRA,
+                "streams[0].max_block_read",
+                &format!("must be at most 10000 (got {n})"),
+            );
+        }
+        let worker = |n: &str| with(&format!("mode = \"worker\"\nmax_block_read = {n}\n"));
+        assert_eq!(ok(&worker("1024")).streams[0].max_block_read, 1024);
+        assert_invalid(
+            &worker("1025"),
+            EXTRA + 1,
+            "streams[0].max_block_read",
+            "must be at most 1024 with mode = \"worker\" (got 1025)",
+        );
+        assert_invalid(
+            &with("mode = \"worker\"\nworker_prefetch = 9223372036854775807\n"),
+            EXTRA + 1,
+            "streams[0].worker_prefetch",
+            "must be at most 1000",
+        );
+    }
+
+    #[test]
     fn start_id_and_payload() {
         assert_invalid(
             &with("start_id = \"0-0\"\n"),
@@ -998,6 +1101,40 @@ reap_idle = "2h"
             "streams[0].dlq",
             "must differ",
         );
+    }
+
+    #[test]
+    fn dlq_must_not_be_a_consumed_stream() {
+        let second = |extra: &str| {
+            format!("\n[[streams]]\nname = \"audit\"\ngroup = \"g\"\nhandler = [\"sh\"]\n{extra}")
+        };
+        // orders -> audit, audit -> orders: a cycle.
+        let text = with(&format!(
+            "dlq = \"audit\"\n{}",
+            second("dlq = \"orders\"\n")
+        ));
+        let (line, key, message) = invalid(&text);
+        assert_eq!((line, key.as_str()), (EXTRA, "streams[0].dlq"), "{message}");
+        for needle in ["\"orders\"", "\"audit\"", "streams[1]"] {
+            assert!(message.contains(needle), "{message:?} lacks {needle}");
+        }
+        // A chain that ends in a consumed stream is refused too, at its first link.
+        let text = with(&second("dlq = \"orders\"\n"));
+        assert_invalid(
+            &text,
+            EXTRA + 5,
+            "streams[1].dlq",
+            "which this daemon consumes (streams[0]",
+        );
+        // The default name: the key is not written, so the error points at the table.
+        let text =
+            with("\n[[streams]]\nname = \"orders:dlq\"\ngroup = \"g\"\nhandler = [\"sh\"]\n");
+        assert_invalid(&text, 4, "streams[0].dlq", "\"orders:dlq\" (the default)");
+        // Two streams sharing one DLQ that nobody consumes: fine.
+        ok(&with(&format!(
+            "dlq = \"dead\"\n{}",
+            second("dlq = \"dead\"\n")
+        )));
     }
 
     #[test]
