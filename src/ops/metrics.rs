@@ -15,11 +15,20 @@
 //! | `/healthz` | 200 `ok` while the process serves requests at all |
 //! | `/readyz` | 200 `ready` when Redis is connected and every consume loop runs, else 503 `not ready` |
 //! | anything else | 404 (405 for a known path with a method other than GET or HEAD) |
+//!
+//! Clients that connect and then stall must not silence `/healthz`: an orchestrator
+//! whose liveness probe goes unanswered kills a healthy daemon. So the listener never
+//! stops accepting. Each connection is served by its own task and closed when its request
+//! headers do not arrive within [`HEADER_READ_TIMEOUT`] (which is also how long a kept-alive
+//! connection may sit idle between requests). At most a bounded number of connections
+//! are open at once (each is a file descriptor, and the daemon needs its descriptors for
+//! Redis and handler pipes); a new connection beyond the bound closes the oldest one.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -36,8 +45,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// Upper bounds (seconds) of the handler duration buckets: from quick scripts to the
@@ -46,11 +54,21 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
-/// Scrapers are few; this caps what a misbehaving client can hold open.
-const MAX_CONNECTIONS: usize = 32;
+/// The most connections open at once, when the descriptor limit allows: scrapers and
+/// probes are few, this is for clients that connect and stall. A connection over the
+/// bound closes the oldest one, so the listener keeps answering.
+const MAX_CONNECTIONS: usize = 1024;
 
-/// A client that connects but does not send its request headers is dropped after this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The fewest connections allowed, however low the descriptor limit.
+const MIN_CONNECTIONS: usize = 16;
+
+/// A client must send its complete request headers within this long after it connects,
+/// and after each response on a kept-alive connection (hyper restarts the timer for the
+/// next request), or the connection is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Under a flood of connections, how often closing the oldest ones is logged.
+const EVICTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// On stop, how long a request already being answered may take to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -438,6 +456,42 @@ impl Health {
     }
 }
 
+/// The listener's bounds; see the module documentation.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+impl Limits {
+    /// [`MAX_CONNECTIONS`], or a quarter of the soft RLIMIT_NOFILE when that is less
+    /// (at least [`MIN_CONNECTIONS`]): idle clients must not take the descriptors that
+    /// consuming needs. The limit is read when the listener starts.
+    fn for_this_process() -> Limits {
+        // Unreadable: assume the common default soft limit of 1024.
+        let nofile = nofile_soft_limit().unwrap_or(1024);
+        let quarter = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
+        Limits {
+            max_connections: quarter.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// The soft RLIMIT_NOFILE from `/proc/self/limits` (`u64::MAX` for "unlimited").
+fn nofile_soft_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?
+        .split_whitespace()
+        .next()?;
+    match soft {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop` is cancelled.
 /// Accept errors (e.g. out of file descriptors) are logged and retried, never fatal: the
 /// endpoint is secondary to consuming.
@@ -447,16 +501,29 @@ pub async fn serve(
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limits = Limits::for_this_process();
+    tracing::debug!(
+        max_connections = limits.max_connections,
+        header_read_timeout = ?limits.header_read_timeout,
+        "metrics listener limits"
+    );
+    serve_with(listener, metrics, health, stop, limits).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    limits: Limits,
+) -> std::io::Result<()> {
     let mut connections = JoinSet::new();
+    // The connections' tasks in accept order, oldest first. Finished ones are only
+    // dropped from it when it is full, so it holds at most `max_connections` handles.
+    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    let mut evicted = 0u64;
+    let mut last_eviction_log: Option<Instant> = None;
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -468,18 +535,40 @@ pub async fn serve(
                 }
             },
         };
+        // Collect finished connections so the set does not grow with every scrape.
+        while connections.try_join_next().is_some() {}
+        if open.len() >= limits.max_connections {
+            open.retain(|task| !task.is_finished());
+        }
+        if open.len() >= limits.max_connections {
+            // Full of clients that hold their connection: close the oldest (aborting its
+            // task drops its socket) rather than stop accepting, so that a probe, which
+            // is always the newest connection, gets its answer.
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+                evicted += 1;
+            }
+            if last_eviction_log.is_none_or(|t| t.elapsed() >= EVICTION_LOG_INTERVAL) {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    closed = evicted,
+                    "metrics listener: too many open connections; closing the oldest"
+                );
+                last_eviction_log = Some(Instant::now());
+                evicted = 0;
+            }
+        }
         let metrics = metrics.clone();
         let health = health.clone();
         let stop = stop.clone();
-        connections.spawn(async move {
-            let _permit = permit;
+        let task = connections.spawn(async move {
             let service = service_fn(move |req| {
                 let response = respond(&req, &metrics, &health);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -496,8 +585,7 @@ pub async fn serve(
                 tracing::debug!(%error, "metrics connection ended with an error");
             }
         });
-        // Collect finished connections so the set does not grow with every scrape.
-        while connections.try_join_next().is_some() {}
+        open.push_back(task);
     }
     // Each connection reacts to `stop` by itself; wait for them a little longer than
     // their own grace, then drop (abort) whatever is left.
@@ -814,5 +902,119 @@ mod tests {
             .unwrap();
         drop(idle);
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    /// Starts [`serve_with`] on a loopback port.
+    async fn start(limits: Limits) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_with(
+            listener,
+            Metrics::new(),
+            Health::new(1),
+            stop.clone(),
+            limits,
+        ));
+        (addr, stop)
+    }
+
+    /// Reads until the server closes the connection (EOF or reset); false if it is still
+    /// open after `within`.
+    async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut sink = Vec::new();
+        tokio::time::timeout(within, conn.read_to_end(&mut sink))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn full_listener_closes_the_oldest_connection_and_keeps_answering() {
+        // A header timeout far beyond the test: any connection closed here was evicted.
+        let (addr, stop) = start(Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(600),
+        })
+        .await;
+        let mut idle = Vec::new();
+        for _ in 0..10 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted after the ten (one listen queue, first come first accepted): it closes
+        // the oldest of the four open ones and is answered.
+        assert_eq!(get(addr, "GET", "/healthz", "").await.0, 200);
+        for (i, conn) in idle.iter_mut().enumerate().take(7) {
+            assert!(
+                closed_within(conn, Duration::from_secs(10)).await,
+                "connection {i} still open"
+            );
+        }
+        for (i, conn) in idle.iter_mut().enumerate().skip(7) {
+            assert!(
+                !closed_within(conn, Duration::from_millis(200)).await,
+                "connection {i} closed"
+            );
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn stalled_and_idle_connections_are_closed() {
+        let (addr, stop) = start(Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_millis(300),
+        })
+        .await;
+        // Sends nothing.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Sends half a request.
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .unwrap();
+        // One kept-alive request, then nothing.
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok\n") {
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(10), kept.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_ne!(n, 0, "closed before the answer: {answer:?}");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        for (what, conn) in [
+            ("silent", &mut silent),
+            ("partial", &mut partial),
+            ("kept-alive", &mut kept),
+        ] {
+            assert!(
+                closed_within(conn, Duration::from_secs(10)).await,
+                "{what} connection still open"
+            );
+        }
+        stop.cancel();
+    }
+
+    #[test]
+    fn limits_follow_the_descriptor_limit() {
+        let limits = Limits::for_this_process();
+        assert!(
+            (MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&limits.max_connections),
+            "{limits:?}"
+        );
+        if let Some(nofile) = nofile_soft_limit() {
+            assert!(
+                limits.max_connections as u64 <= nofile.max(4 * MIN_CONNECTIONS as u64) / 4,
+                "{limits:?} with RLIMIT_NOFILE {nofile}"
+            );
+        }
+        assert!(HEADER_READ_TIMEOUT <= Duration::from_secs(2));
     }
 }

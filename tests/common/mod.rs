@@ -1126,9 +1126,11 @@ pub fn workdir() -> TempDir {
         .expect("tempdir")
 }
 
-/// `GET path` on 127.0.0.1:port: (status code, body).
+/// `GET path` on 127.0.0.1:port: (status code, body); None unless answered within about
+/// 10 s (to connect, and then to read).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(
         conn,
