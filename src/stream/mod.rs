@@ -32,9 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
-use crate::config::{HandlerMode, StreamConfig};
-use crate::exec::handler::{self, HandlerCommand, Invocation, Outcome, Report};
-use crate::exec::worker::{Job, PoolIdentity, WorkerPool};
+use crate::config::StreamConfig;
+use crate::exec::{Done, Executor, Job, Outcome, Report};
 use crate::identity::Consumer;
 use crate::ops::metrics::{Health, StreamMetrics};
 use crate::ops::notify::Liveness;
@@ -77,8 +76,10 @@ struct Retry {
 struct Shared {
     cfg: StreamConfig,
     executor: Executor,
-    /// DLQ writes of entries settled by worker drivers (they cannot wait on Redis).
+    /// DLQ writes of entries whose `Done` came back (the settler cannot wait on Redis).
     settling: TaskTracker,
+    /// Entries handed to the executor, until their `Done`: the entry and its in-flight mark.
+    running: Mutex<HashMap<String, (Entry, InFlight)>>,
     metrics: StreamMetrics,
     cmds: StreamCommands,
     acker: Acker,
@@ -87,14 +88,6 @@ struct Shared {
     /// already here must not start a second handler.
     in_flight: Mutex<HashSet<String>>,
     abort: CancellationToken,
-}
-
-/// How an entry reaches the handler program.
-enum Executor {
-    /// A fresh process per attempt.
-    Exec(Arc<HandlerCommand>),
-    /// Long-lived processes (`mode = "worker"`).
-    Worker(WorkerPool),
 }
 
 impl Shared {
@@ -237,6 +230,8 @@ pub struct StreamLoop {
     /// Commands on this loop's own connection, used only for the blocking read.
     reader: StreamCommands,
     retry_rx: mpsc::UnboundedReceiver<Retry>,
+    /// The executor's reports, one per submitted job.
+    done_rx: Option<mpsc::UnboundedReceiver<Done>>,
     acker_task: JoinHandle<()>,
     /// Reconnects of the reader's connection (see [`StreamLoop::recover_lost`]).
     reconnects: broadcast::Receiver<fred::types::config::Server>,
@@ -261,39 +256,13 @@ impl StreamLoop {
         let reconnects = reader.reconnects();
         let (acker, acker_task) = Acker::spawn(cmds.clone(), hooks.metrics.clone());
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
-        let handler = HandlerCommand {
-            argv: cfg.handler.clone(),
-            env: cfg
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            timeout: cfg.handler_timeout,
-            kill_grace: crate::exec::KILL_GRACE,
-        };
-        let executor = match cfg.mode {
-            HandlerMode::Exec => Executor::Exec(Arc::new(handler)),
-            HandlerMode::Worker => Executor::Worker(WorkerPool::new(
-                handler,
-                PoolIdentity {
-                    stream: cfg.name.clone(),
-                    group: cfg.group.clone(),
-                    consumer: consumer.to_owned(),
-                },
-                cfg.max_block_read,
-                cfg.worker_prefetch,
-                shutdown.abort_token().clone(),
-            )),
-        };
-        let slots = match &executor {
-            Executor::Exec(_) => Arc::new(Semaphore::new(cfg.max_block_read)),
-            // Worker mode sizes its slots to what its workers can take (see `worker`).
-            Executor::Worker(pool) => pool.slots(),
-        };
+        let (executor, done_rx) = Executor::new(&cfg, &cmds.who, shutdown.abort_token().clone());
+        let slots = executor.slots();
         let shared = Arc::new(Shared {
             cfg,
             executor,
             settling: TaskTracker::new(),
+            running: Mutex::new(HashMap::new()),
             metrics: hooks.metrics,
             cmds,
             acker,
@@ -306,6 +275,7 @@ impl StreamLoop {
             slots,
             reader,
             retry_rx,
+            done_rx: Some(done_rx),
             acker_task,
             reconnects,
             health: hooks.health,
@@ -372,6 +342,15 @@ impl StreamLoop {
         if self.sample_group {
             tokio::spawn(sample_group(self.shared.clone(), heartbeat_stop.clone()));
         }
+        let settler_stop = CancellationToken::new();
+        let settler = match self.done_rx.take() {
+            Some(done_rx) => tokio::spawn(settle_done(
+                self.shared.clone(),
+                done_rx,
+                settler_stop.clone(),
+            )),
+            None => tokio::spawn(async {}),
+        };
         let alive = self.liveness.register(cfg.name.clone());
         let mut beats = tokio::time::interval(BEAT_INTERVAL);
         self.health.loop_started();
@@ -503,7 +482,7 @@ impl StreamLoop {
         // as its largest state, and with a hundred streams that is resident memory.)
         self.health.loop_stopped();
         drop(alive);
-        Box::pin(self.drain(tasks, heartbeat, heartbeat_stop)).await;
+        Box::pin(self.drain(tasks, heartbeat, heartbeat_stop, (settler, settler_stop))).await;
     }
 
     /// Worker mode reads in batches: a worker answers in microseconds, so reading as soon
@@ -511,15 +490,12 @@ impl StreamLoop {
     /// round trips become the limit. Per-entry processes take a millisecond to spawn;
     /// there, reading at once is better.
     fn batches_reads(&self) -> bool {
-        matches!(self.shared.executor, Executor::Worker(_))
+        self.shared.executor.batches_reads()
     }
 
     /// How many permits `slots` has in all, free or held.
     fn slot_count(&self) -> usize {
-        match &self.shared.executor {
-            Executor::Exec(_) => self.shared.cfg.max_block_read,
-            Executor::Worker(pool) => pool.slot_count(),
-        }
+        self.shared.executor.slot_count()
     }
 
     /// Whether the reader reconnected since the last call.
@@ -682,21 +658,26 @@ impl StreamLoop {
         mut tasks: JoinSet<()>,
         heartbeat: JoinHandle<()>,
         heartbeat_stop: CancellationToken,
+        (settler, settler_stop): (JoinHandle<()>, CancellationToken),
     ) {
         let name = self.shared.cfg.name.clone();
         // A read dropped by the stop may still block the reader connection; release it so
         // closing the connection does not wait for `block`.
         self.reader.unblock().await;
-        if !tasks.is_empty() {
-            tracing::info!(stream = %name, running = tasks.len(), "waiting for running handlers");
+        let running = tasks.len() + lock_running(&self.shared).len();
+        if running > 0 {
+            tracing::info!(stream = %name, running, "waiting for running handlers");
         }
         while let Some(done) = tasks.join_next().await {
             log_task_end(&name, done);
         }
         heartbeat_stop.cancel();
         let _ = heartbeat.await;
-        if let Executor::Worker(pool) = &self.shared.executor {
-            pool.shutdown().await;
+        self.shared.executor.shutdown().await;
+        // Every Done is sent: let the settler take the last ones and end.
+        settler_stop.cancel();
+        if let Err(error) = settler.await {
+            tracing::error!(stream = %name, %error, "settler task failed");
         }
         self.shared.settling.close();
         self.shared.settling.wait().await;
@@ -1033,64 +1014,53 @@ fn start_attempt(
         }
     };
     shared.metrics.in_flight_inc();
-    match &shared.executor {
-        Executor::Exec(cmd) => Some(Box::pin(exec_attempt(
-            shared.clone(),
-            cmd.clone(),
-            entry,
-            attempt,
-            stdin,
-            permit,
-            guard,
-        ))),
-        Executor::Worker(pool) => {
-            let settler = shared.clone();
-            pool.submit(Job {
-                id: entry.id.clone(),
-                attempt,
-                payload: stdin,
-                done: Box::new(move |report| {
-                    drop(permit);
-                    settler.handler_finished(&report);
-                    // The guard lives until the entry is settled (its ack or retry queued,
-                    // or its DLQ write done), so nothing starts it twice meanwhile.
-                    if let Some((entry, failure)) = settler.settle(entry, attempt, report) {
-                        let shared = settler.clone();
-                        settler.settling.spawn(async move {
-                            shared.dead_letter(&entry, &failure).await;
-                            drop(guard);
-                        });
-                    }
-                }),
-            });
-            None
+    let job = Job {
+        id: entry.id.clone(),
+        attempt,
+        payload: stdin,
+        slot: permit,
+    };
+    // The guard lives until the entry is settled (its ack or retry queued, or its DLQ
+    // write done), so nothing starts it twice meanwhile.
+    lock_running(shared).insert(entry.id.clone(), (entry, guard));
+    shared.executor.submit(job);
+    None
+}
+
+fn lock_running(shared: &Shared) -> std::sync::MutexGuard<'_, HashMap<String, (Entry, InFlight)>> {
+    shared.running.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Settles entries as the executor reports them, until `stop` (after the executor's
+/// shutdown, when every `Done` has been sent).
+async fn settle_done(
+    shared: Arc<Shared>,
+    mut done_rx: mpsc::UnboundedReceiver<Done>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = done_rx.recv() => settle_one(&shared, done),
+            _ = stop.cancelled() => break,
         }
+    }
+    while let Ok(done) = done_rx.try_recv() {
+        settle_one(&shared, done);
     }
 }
 
-/// One attempt with a fresh handler process: run it, then settle the entry.
-async fn exec_attempt(
-    shared: Arc<Shared>,
-    cmd: Arc<HandlerCommand>,
-    entry: Entry,
-    attempt: u64,
-    stdin: bytes::Bytes,
-    permit: OwnedSemaphorePermit,
-    _guard: InFlight,
-) {
-    let cfg = &shared.cfg;
-    let invocation = Invocation {
-        stream: &cfg.name,
-        group: &cfg.group,
-        consumer: &shared.cmds.who.name,
-        id: &entry.id,
-        attempt,
+fn settle_one(shared: &Arc<Shared>, done: Done) {
+    let Some((entry, guard)) = lock_running(shared).remove(&done.id) else {
+        tracing::error!(stream = %shared.cfg.name, id = %done.id, "a report for an entry that is not running");
+        return;
     };
-    let report = handler::run(&cmd, &invocation, stdin, &shared.abort).await;
-    // The slot is for the process; settling the entry does not need it.
-    drop(permit);
-    shared.handler_finished(&report);
-    if let Some((entry, failure)) = shared.settle(entry, attempt, report) {
-        shared.dead_letter(&entry, &failure).await;
+    shared.handler_finished(&done.report);
+    if let Some((entry, failure)) = shared.settle(entry, done.attempt, done.report) {
+        let dlq = shared.clone();
+        shared.settling.spawn(async move {
+            dlq.dead_letter(&entry, &failure).await;
+            drop(guard);
+        });
     }
 }

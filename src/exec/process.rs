@@ -1,0 +1,359 @@
+//! The lifecycle of one handler process, the same for a per-entry run and a worker:
+//! the command (argv, environment), spawning it in a process group of its own, and
+//! ending it (wait; on request SIGTERM, then SIGKILL after a grace; reap; kill what is
+//! left of its group).
+//!
+//! # Decisions
+//!
+//! - `argv[0]` is spawned directly (no shell) with `process_group(0)`: the handler leads
+//!   its own process group (pgid = its pid). There is deliberately no `pre_exec`, and the
+//!   environment is changed with `env`/`env_remove` only, so std keeps using
+//!   `posix_spawn` (see the project notes).
+//! - The environment is the daemon's own minus the systemd variables of
+//!   [`STRIPPED_ENV`], plus the stream's `env`, plus `REDIS_STREAMD_STREAM`, `_GROUP`
+//!   and `_CONSUMER`; each mode adds its own variables. The daemon's environment is
+//!   never modified.
+//! - Ending a process sends SIGTERM (and SIGCONT, so a stopped handler can act on it) to
+//!   its group, then SIGKILL after the grace. Once the process itself has been reaped,
+//!   whatever is left of its group is sent SIGKILL: the group does not outlive the
+//!   handler. A process dropped before it was reaped has its group killed too, and tokio
+//!   reaps it in the background.
+//! - Children are reaped through tokio only (`Child::wait`), never `waitpid(-1)`; each is
+//!   registered with the orphan reaper (`ops::reaper`) from spawn until it was waited
+//!   for, so the reaper never takes its exit status.
+
+use std::future::Future;
+use std::io;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+
+use crate::config::StreamConfig;
+use crate::identity::Consumer;
+use crate::ops::reaper::{self, OwnChild};
+
+/// Variables of the daemon's environment that handlers never see: they belong to the
+/// daemon's relationship with systemd (notify socket, watchdog, socket activation).
+pub(crate) const STRIPPED_ENV: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// What to run, shared by every process of one stream.
+#[derive(Debug, Clone)]
+pub(crate) struct HandlerCommand {
+    /// argv; `argv[0]` is executed directly (PATH lookup when it has no slash).
+    pub(crate) argv: Vec<String>,
+    /// Extra environment (the stream's `env`), added to the daemon's own.
+    pub(crate) env: Vec<(String, String)>,
+    /// `handler_timeout`.
+    pub(crate) timeout: Duration,
+    /// Time between SIGTERM and SIGKILL to the process group (`KILL_GRACE` in production).
+    pub(crate) kill_grace: Duration,
+}
+
+impl HandlerCommand {
+    pub(crate) fn new(cfg: &StreamConfig, kill_grace: Duration) -> Self {
+        HandlerCommand {
+            argv: cfg.handler.clone(),
+            env: cfg
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            timeout: cfg.handler_timeout,
+            kill_grace,
+        }
+    }
+
+    /// The command every handler process starts from, per-entry or worker: its own
+    /// process group, three pipes, the daemon's environment minus [`STRIPPED_ENV`], the
+    /// stream's `env`, and the `REDIS_STREAMD_*` variables naming the consumer.
+    pub(crate) fn command(&self, who: &Consumer) -> io::Result<Command> {
+        let Some((program, args)) = self.argv.split_first() else {
+            return Err(io::Error::other("empty handler argv"));
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for name in STRIPPED_ENV {
+            command.env_remove(name);
+        }
+        command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("REDIS_STREAMD_STREAM", &who.stream)
+            .env("REDIS_STREAMD_GROUP", &who.group)
+            .env("REDIS_STREAMD_CONSUMER", &who.name);
+        Ok(command)
+    }
+
+    /// The program, for log lines.
+    pub(crate) fn program(&self) -> &str {
+        self.argv.first().map_or("", String::as_str)
+    }
+}
+
+/// The pipes of a spawned process, taken out of it so they can be used on their own.
+#[derive(Debug)]
+pub(crate) struct Pipes {
+    pub(crate) stdin: Option<ChildStdin>,
+    pub(crate) stdout: Option<ChildStdout>,
+    pub(crate) stderr: Option<ChildStderr>,
+}
+
+/// A running handler process, leader of its own process group.
+#[derive(Debug)]
+pub(crate) struct Process {
+    child: Child,
+    /// Keeps the orphan reaper away from this child until it has been waited for.
+    registration: Option<OwnChild<'static>>,
+    /// = its pid; `None` only if the pid did not fit (never on Linux).
+    pgid: Option<Pid>,
+    /// Set until the process has been reaped and its group killed; then dropping it has
+    /// nothing left to do.
+    armed: bool,
+}
+
+/// How [`Process::end`] went.
+#[derive(Debug)]
+pub(crate) struct Ended<T> {
+    /// The exit status; an error only if something else reaped the child.
+    pub(crate) status: io::Result<ExitStatus>,
+    /// What the stop future returned, when the process had to be terminated.
+    pub(crate) stopped: Option<T>,
+}
+
+impl Process {
+    /// Spawns `command` (from [`HandlerCommand::command`]) and registers it with the
+    /// orphan reaper.
+    pub(crate) fn spawn(command: &mut Command) -> io::Result<(Process, Pipes)> {
+        let (mut child, registration) = reaper::own_children().spawn(command)?;
+        // `id()` is `Some` until the child has been reaped, which only `end` does.
+        let pgid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(Pid::from_raw);
+        let pipes = Pipes {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+        };
+        let process = Process {
+            child,
+            registration: Some(registration),
+            pgid,
+            armed: true,
+        };
+        Ok((process, pipes))
+    }
+
+    pub(crate) fn pid(&self) -> Option<i32> {
+        self.pgid.map(Pid::as_raw)
+    }
+
+    /// The exit status if the process has exited (without waiting).
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGTERM to the group, plus SIGCONT so that a stopped handler gets to act on it.
+    pub(crate) fn terminate(&self) {
+        signal_group(self.pgid, Signal::SIGTERM);
+        signal_group(self.pgid, Signal::SIGCONT);
+    }
+
+    pub(crate) fn kill(&self) {
+        signal_group(self.pgid, Signal::SIGKILL);
+    }
+
+    /// Waits for the process to exit and reaps it. If `stop` completes first, the group
+    /// gets SIGTERM, and SIGKILL `grace` later (`on_kill` is called just before). Once
+    /// reaped, what is left of its group is killed.
+    pub(crate) async fn end<T>(
+        mut self,
+        stop: impl Future<Output = T>,
+        grace: Duration,
+        on_kill: impl FnOnce(),
+    ) -> Ended<T> {
+        tokio::pin!(stop);
+        let kill_timer = tokio::time::sleep(grace);
+        tokio::pin!(kill_timer);
+        let mut stopped = None;
+        let mut on_kill = Some(on_kill);
+        let status = loop {
+            tokio::select! {
+                biased;
+                status = self.child.wait() => break status,
+                why = &mut stop, if stopped.is_none() => {
+                    self.terminate();
+                    kill_timer.as_mut().reset(tokio::time::Instant::now() + grace);
+                    stopped = Some(why);
+                }
+                () = &mut kill_timer, if stopped.is_some() && on_kill.is_some() => {
+                    if let Some(on_kill) = on_kill.take() {
+                        on_kill();
+                    }
+                    self.kill();
+                }
+            }
+        };
+        // Waited for (or the wait failed): the pid is no longer ours to protect.
+        self.registration = None;
+        // The process is gone: its group does not outlive it.
+        self.kill();
+        self.armed = false;
+        Ended { status, stopped }
+    }
+}
+
+impl Drop for Process {
+    /// Dropped before it was reaped (e.g. the run was cancelled): kill the group while
+    /// the unreaped leader still pins its pgid; tokio reaps the leader in the background.
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+fn signal_group(pgid: Option<Pid>, signal: Signal) {
+    let Some(pgid) = pgid else { return };
+    match killpg(pgid, signal) {
+        // ESRCH: the group is already gone.
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(err) => {
+            tracing::warn!(pgid = pgid.as_raw(), %signal, "cannot signal handler process group: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn sh(script: &str) -> HandlerCommand {
+        HandlerCommand {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: Vec::new(),
+            timeout: Duration::from_secs(60),
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+
+    fn who() -> Consumer {
+        Consumer::new("s", "g", "c")
+    }
+
+    fn spawn(script: &str) -> (Process, Pipes) {
+        let mut command = sh(script).command(&who()).expect("a command");
+        Process::spawn(&mut command).expect("spawned")
+    }
+
+    const DEADLINE: Duration = Duration::from_secs(120);
+
+    #[tokio::test]
+    async fn exit_without_stop_is_not_stopped() {
+        let (process, _pipes) = spawn("exit 7");
+        let ended = tokio::time::timeout(
+            DEADLINE,
+            process.end(std::future::pending::<()>(), Duration::from_secs(60), || {}),
+        )
+        .await
+        .expect("ended in time");
+        assert_eq!(ended.status.expect("status").code(), Some(7));
+        assert!(ended.stopped.is_none());
+    }
+
+    #[tokio::test]
+    async fn stop_sends_sigterm_and_no_sigkill_when_it_is_enough() {
+        let (process, _pipes) = spawn("sleep 1000");
+        let killed = std::cell::Cell::new(false);
+        let ended = tokio::time::timeout(
+            DEADLINE,
+            process.end(async { "stop" }, Duration::from_secs(60), || {
+                killed.set(true)
+            }),
+        )
+        .await
+        .expect("ended in time");
+        let status = ended.status.expect("status");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc_sigterm()));
+        assert_eq!(ended.stopped, Some("stop"));
+        assert!(!killed.get(), "SIGKILL sent although SIGTERM was enough");
+    }
+
+    #[tokio::test]
+    async fn sigterm_ignored_gets_sigkill_after_grace() {
+        let (process, _pipes) = spawn("trap '' TERM; while :; do sleep 0.05; done");
+        // Let the shell install its trap before the stop.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed = std::cell::Cell::new(false);
+        let grace = Duration::from_millis(300);
+        let started = Instant::now();
+        let ended =
+            tokio::time::timeout(DEADLINE, process.end(async {}, grace, || killed.set(true)))
+                .await
+                .expect("ended in time");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(ended.status.expect("status").signal(), Some(9));
+        assert!(killed.get());
+        assert!(started.elapsed() >= grace, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unreaped_process_kills_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 1000 & echo $! > '{}'; wait", pidfile.display());
+        let (process, _pipes) = spawn(&script);
+        let deadline = Instant::now() + DEADLINE;
+        let pid: i32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .filter(|t| t.ends_with('\n'))
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no pid file");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        drop(process);
+        let deadline = Instant::now() + DEADLINE;
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.contains("(sleep)") && !stat.contains(") Z"))
+        {
+            assert!(Instant::now() < deadline, "grandchild {pid} still alive");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn libc_sigterm() -> i32 {
+        Signal::SIGTERM as i32
+    }
+
+    #[test]
+    fn empty_argv_is_an_error() {
+        let cmd = HandlerCommand {
+            argv: Vec::new(),
+            ..sh("")
+        };
+        let err = cmd.command(&who()).expect_err("no program");
+        assert_eq!(err.to_string(), "empty handler argv");
+    }
+}
