@@ -292,7 +292,7 @@ mod tests {
         .expect("ended in time");
         let status = ended.status.expect("status");
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc_sigterm()));
+        assert_eq!(status.signal(), Some(Signal::SIGTERM as i32));
         assert_eq!(ended.stopped, Some("stop"));
         assert!(!killed.get(), "SIGKILL sent although SIGTERM was enough");
     }
@@ -341,10 +341,6 @@ mod tests {
             assert!(Instant::now() < deadline, "grandchild {pid} still alive");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    fn libc_sigterm() -> i32 {
-        Signal::SIGTERM as i32
     }
 
     #[test]
