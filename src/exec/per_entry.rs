@@ -521,12 +521,13 @@ mod tests {
         test_support::child_marker().is_some()
     }
 
-    /// Runs `env_child_strips_systemd_vars` with the systemd variables set in its process
-    /// (setting them in this process would race the other tests).
+    /// Runs `env_child_strips_daemon_vars` with the systemd variables and the daemon's own
+    /// settings set in its process (setting them in this process would race the other
+    /// tests).
     #[tokio::test]
-    async fn environment_strips_systemd_vars() {
+    async fn environment_strips_systemd_and_daemon_vars() {
         run_test_in_child(
-            "exec::per_entry::tests::env_child_strips_systemd_vars",
+            "exec::per_entry::tests::env_child_strips_daemon_vars",
             &[
                 ("NOTIFY_SOCKET", "/run/systemd/notify"),
                 ("WATCHDOG_USEC", "30000000"),
@@ -534,14 +535,24 @@ mod tests {
                 ("LISTEN_FDS", "2"),
                 ("LISTEN_PID", "1"),
                 ("LISTEN_FDNAMES", "a:b"),
+                (
+                    "REDIS_STREAMD_REDIS_URL",
+                    "redis://:s3cret@127.0.0.1:6379/0",
+                ),
+                ("REDIS_STREAMD_CONFIG", "/etc/redis-streamd/config.toml"),
+                ("REDIS_STREAMD_CONSUMER", "from-the-daemon-env"),
+                ("REDIS_STREAMD_LOG_LEVEL", "debug"),
+                ("REDIS_STREAMD_FUTURE_SETTING", "x"),
+                ("REDIS_STREAMD_ID", "inherited"),
             ],
         )
         .await;
     }
 
-    /// Does its work only inside `environment_strips_systemd_vars`'s child process.
+    /// Does its work only inside `environment_strips_systemd_and_daemon_vars`'s child
+    /// process.
     #[tokio::test]
-    async fn env_child_strips_systemd_vars() {
+    async fn env_child_strips_daemon_vars() {
         if !in_child() {
             return;
         }
@@ -551,17 +562,30 @@ mod tests {
         let r = run_sh(r#"env > "$1""#, &[path_str(&out)], Bytes::new()).await;
         assert_eq!(r.outcome, Outcome::Success);
         let env = std::fs::read_to_string(&out).unwrap();
-        for name in STRIPPED_ENV {
+        let gone = STRIPPED_ENV.iter().chain(&[
+            "REDIS_STREAMD_REDIS_URL",
+            "REDIS_STREAMD_CONFIG",
+            "REDIS_STREAMD_LOG_LEVEL",
+            "REDIS_STREAMD_FUTURE_SETTING",
+            test_support::CHILD_MARKER,
+        ]);
+        for name in gone {
             assert!(
                 !env.lines().any(|l| l.starts_with(&format!("{name}="))),
                 "{name} leaked into the handler:\n{env}"
             );
         }
-        assert!(
-            env.lines()
-                .any(|l| l == format!("{}=1", test_support::CHILD_MARKER)),
-            "{env}"
-        );
+        assert!(!env.contains("s3cret"), "{env}");
+        // What the daemon sets wins over what it inherited.
+        let lines: Vec<&str> = env.lines().collect();
+        for want in [
+            "REDIS_STREAMD_CONSUMER=host-1",
+            "REDIS_STREAMD_ID=1700000000000-0",
+            "REDIS_STREAMD_STREAM=orders",
+        ] {
+            assert!(lines.contains(&want), "{want} missing from:\n{env}");
+        }
+        assert!(lines.iter().any(|l| l.starts_with("PATH=")), "{env}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,9 +10,11 @@
 //!   environment is changed with `env`/`env_remove` only, so std keeps using
 //!   `posix_spawn` (see the project notes).
 //! - The environment is the daemon's own minus the systemd variables of
-//!   [`STRIPPED_ENV`], plus the stream's `env`, plus `REDIS_STREAMD_STREAM`, `_GROUP`
-//!   and `_CONSUMER`; each mode adds its own variables. The daemon's environment is
-//!   never modified.
+//!   [`STRIPPED_ENV`] and minus the daemon's own settings (every inherited
+//!   `REDIS_STREAMD_*` variable: `REDIS_STREAMD_REDIS_URL` may hold the Redis password,
+//!   and handlers are often other teams' code), plus the stream's `env`, plus
+//!   `REDIS_STREAMD_STREAM`, `_GROUP` and `_CONSUMER`; each mode adds its own variables.
+//!   The daemon's environment is never modified.
 //! - Ending a process sends SIGTERM (and SIGCONT, so a stopped handler can act on it) to
 //!   its group, then SIGKILL after the grace. Once the process itself has been reaped,
 //!   whatever is left of its group is sent SIGKILL: the group does not outlive the
@@ -22,9 +24,11 @@
 //!   registered with the orphan reaper (`ops::reaper`) from spawn until it was waited
 //!   for, so the reaper never takes its exit status.
 
+use std::ffi::OsString;
 use std::future::Future;
 use std::io;
 use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -46,6 +50,26 @@ pub(crate) const STRIPPED_ENV: [&str; 6] = [
     "LISTEN_PID",
     "LISTEN_FDNAMES",
 ];
+
+/// Prefix of the daemon's own settings in its environment (`REDIS_STREAMD_REDIS_URL`,
+/// `_CONFIG`, `_CONSUMER`, `_LOG_FORMAT`, `_LOG_LEVEL`) and of the variables it sets for
+/// handlers. Inherited ones never reach a handler.
+const OWN_ENV_PREFIX: &str = "REDIS_STREAMD_";
+
+/// The names of the `REDIS_STREAMD_*` variables in the daemon's environment, read once
+/// (the daemon never changes its environment), so a spawn only removes those present.
+fn inherited_own_env() -> &'static [OsString] {
+    static NAMES: OnceLock<Vec<OsString>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        std::env::vars_os()
+            .map(|(name, _)| name)
+            .filter(|name| {
+                name.as_encoded_bytes()
+                    .starts_with(OWN_ENV_PREFIX.as_bytes())
+            })
+            .collect()
+    })
+}
 
 /// What to run, shared by every process of one stream.
 #[derive(Debug, Clone)]
@@ -75,8 +99,9 @@ impl HandlerCommand {
     }
 
     /// The command every handler process starts from, per-entry or worker: its own
-    /// process group, three pipes, the daemon's environment minus [`STRIPPED_ENV`], the
-    /// stream's `env`, and the `REDIS_STREAMD_*` variables naming the consumer.
+    /// process group, three pipes, the daemon's environment minus [`STRIPPED_ENV`] and
+    /// minus its own `REDIS_STREAMD_*` settings, the stream's `env`, and the
+    /// `REDIS_STREAMD_*` variables naming the consumer.
     pub(crate) fn command(&self, who: &Consumer) -> io::Result<Command> {
         let Some((program, args)) = self.argv.split_first() else {
             return Err(io::Error::other("empty handler argv"));
@@ -90,6 +115,10 @@ impl HandlerCommand {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         for name in STRIPPED_ENV {
+            command.env_remove(name);
+        }
+        // Before the variables set below, which win over a removal of the same name.
+        for name in inherited_own_env() {
             command.env_remove(name);
         }
         command
