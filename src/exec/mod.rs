@@ -74,6 +74,10 @@ pub(crate) enum Outcome {
     TimedOut(Duration),
     /// The program could not be started (missing, not executable, ...).
     SpawnFailed(String),
+    /// The daemon lacked the resources to start the program (`EMFILE`, `ENFILE`,
+    /// `EAGAIN`, `ENOMEM`): the daemon's trouble, not the entry's, so not a failed
+    /// attempt.
+    NoResources(String),
     /// Stopped by the daemon's shutdown (`abort` token), or never started because of it:
     /// neither success nor a failed attempt.
     Aborted,
@@ -96,7 +100,9 @@ impl Outcome {
             Outcome::TimedOut(after) => {
                 format!("timeout after {}", humantime::format_duration(*after))
             }
-            Outcome::SpawnFailed(err) => format!("spawn failed: {err}"),
+            Outcome::SpawnFailed(err) | Outcome::NoResources(err) => {
+                format!("spawn failed: {err}")
+            }
             Outcome::Aborted => "aborted".to_owned(),
             Outcome::Failed(reason) | Outcome::Rejected(reason) | Outcome::WorkerLost(reason) => {
                 reason.clone()
@@ -115,9 +121,14 @@ impl Outcome {
         }
     }
 
-    /// The outcome of a failed spawn.
+    /// The outcome of a failed spawn: [`Outcome::NoResources`] when the system lacked
+    /// descriptors, processes or memory, [`Outcome::SpawnFailed`] otherwise.
     pub(crate) fn of_spawn_error(err: &std::io::Error) -> Outcome {
-        Outcome::SpawnFailed(err.to_string())
+        if process::is_resource_shortage(err) {
+            Outcome::NoResources(err.to_string())
+        } else {
+            Outcome::SpawnFailed(err.to_string())
+        }
     }
 }
 
@@ -323,6 +334,30 @@ mod tests {
         assert_eq!(Outcome::Aborted.reason(), "aborted");
         assert_eq!(Outcome::Success.reason(), "success");
         assert_eq!(Outcome::Failed("disk full".into()).reason(), "disk full");
+        assert_eq!(
+            Outcome::NoResources("Too many open files (os error 24)".into()).reason(),
+            "spawn failed: Too many open files (os error 24)"
+        );
+    }
+
+    #[test]
+    fn resource_shortages_are_not_spawn_failures() {
+        use nix::errno::Errno;
+        for errno in [Errno::EMFILE, Errno::ENFILE, Errno::EAGAIN, Errno::ENOMEM] {
+            let err = std::io::Error::from_raw_os_error(errno as i32);
+            let outcome = Outcome::of_spawn_error(&err);
+            assert_eq!(outcome, Outcome::NoResources(err.to_string()), "{errno}");
+        }
+        let missing = std::io::Error::from_raw_os_error(Errno::ENOENT as i32);
+        assert!(matches!(
+            Outcome::of_spawn_error(&missing),
+            Outcome::SpawnFailed(_)
+        ));
+        let other = std::io::Error::other("empty handler argv");
+        assert_eq!(
+            Outcome::of_spawn_error(&other),
+            Outcome::SpawnFailed("empty handler argv".into())
+        );
     }
 
     fn job(id: &str, slots: &Arc<Semaphore>) -> Job {
@@ -477,6 +512,54 @@ mod tests {
             ids.sort();
             assert_eq!(ids, ["0-0", "1-0", "2-0", "3-0", "4-0"], "{mode:?}");
             assert_eq!(slots.available_permits(), 5);
+        }
+    }
+
+    /// Runs `child_spawn_without_descriptors` alone: it lowers the process's limit of
+    /// open files.
+    #[tokio::test]
+    async fn spawn_without_descriptors_is_no_resources_in_both_modes() {
+        let name = "exec::tests::child_spawn_without_descriptors";
+        per_entry::tests::run_test_in_child(name, &[]).await;
+    }
+
+    /// Does its work only inside `spawn_without_descriptors_is_no_resources_in_both_modes`'s
+    /// child.
+    #[tokio::test]
+    async fn child_spawn_without_descriptors() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if !per_entry::tests::in_child() {
+            return;
+        }
+        for (mode, handler) in [
+            (HandlerMode::Exec, EXEC_HANDLER),
+            (HandlerMode::Worker, WORKER_HANDLER),
+        ] {
+            let who = Consumer::new("s", "g", "c");
+            let (executor, mut rx) =
+                Executor::new(&stream(mode, handler, 1), &who, CancellationToken::new());
+            let slots = executor.slots();
+            let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+            // Room for what is open now, not for a handler's three pipes.
+            let open = std::fs::read_dir("/proc/self/fd").expect("fds").count() as u64;
+            setrlimit(Resource::RLIMIT_NOFILE, open + 1, hard).expect("lower the limit");
+            submit(&executor, &slots, "1-0", b"x");
+            let done = next_done(&mut rx).await;
+            setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore the limit");
+            let Outcome::NoResources(error) = &done.report.outcome else {
+                panic!("{mode:?}: {:?}", done.report.outcome);
+            };
+            assert!(error.starts_with("Too many open files"), "{error}");
+            assert!(
+                done.report
+                    .outcome
+                    .reason()
+                    .starts_with("spawn failed: Too many open files"),
+                "{mode:?}"
+            );
+            tokio::time::timeout(DEADLINE, executor.shutdown())
+                .await
+                .expect("shutdown in time");
         }
     }
 

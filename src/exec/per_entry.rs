@@ -244,7 +244,7 @@ async fn write_stdin(pipe: Option<ChildStdin>, payload: Bytes, stream: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::exec::output::STDERR_TAIL_BYTES;
     use crate::exec::output::tests::pseudo_random;
@@ -507,7 +507,7 @@ mod tests {
     /// Runs the test `name` alone in a child test process (this test binary) with `envs` added
     /// to its environment: for tests that need process-wide state (environment variables,
     /// tracing callsite interest) that other tests running in parallel would disturb.
-    async fn run_test_in_child(name: &str, envs: &[(&str, &str)]) {
+    pub(crate) async fn run_test_in_child(name: &str, envs: &[(&str, &str)]) {
         let mut child = test_support::child_test(name, "1", &[]);
         child.envs(envs.iter().copied());
         let out = tokio::time::timeout(RUN_DEADLINE, tokio::process::Command::from(child).output())
@@ -517,7 +517,7 @@ mod tests {
         test_support::assert_child_passed(name, &out);
     }
 
-    fn in_child() -> bool {
+    pub(crate) fn in_child() -> bool {
         test_support::child_marker().is_some()
     }
 

@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use nix::errno::Errno;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
@@ -258,6 +259,30 @@ impl Drop for Process {
     }
 }
 
+/// Whether a spawn failed for lack of resources (descriptors, processes, memory) rather
+/// than because of the program: `EMFILE`, `ENFILE`, `EAGAIN`, `ENOMEM`.
+pub(crate) fn is_resource_shortage(err: &io::Error) -> bool {
+    err.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::EAGAIN, Errno::ENOMEM]
+            .contains(&Errno::from_raw(code))
+    })
+}
+
+/// Raises the soft limit of open files (`RLIMIT_NOFILE`) to the hard limit, as most
+/// servers do: every handler process costs the daemon three pipes while it runs, and the
+/// common soft limit of 1,024 (systemd's default for services) is soon reached with many
+/// streams. Returns (old soft limit, new soft limit).
+// Called once at start by the supervisor (wired by the consume-loop side of #14 item 2).
+#[allow(dead_code)]
+pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok((soft, soft));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok((soft, hard))
+}
+
 fn signal_group(pgid: Option<Pid>, signal: Signal) {
     let Some(pgid) = pgid else { return };
     match killpg(pgid, signal) {
@@ -272,6 +297,7 @@ fn signal_group(pgid: Option<Pid>, signal: Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::per_entry::tests::{in_child, run_test_in_child};
     use std::time::Instant;
 
     fn sh(script: &str) -> HandlerCommand {
@@ -370,6 +396,30 @@ mod tests {
             assert!(Instant::now() < deadline, "grandchild {pid} still alive");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Runs `child_raises_nofile_limit` alone: the limit is process-wide.
+    #[tokio::test]
+    async fn raises_the_soft_nofile_limit_to_the_hard_one() {
+        run_test_in_child("exec::process::tests::child_raises_nofile_limit", &[]).await;
+    }
+
+    /// Does its work only inside `raises_the_soft_nofile_limit_to_the_hard_one`'s child.
+    #[test]
+    fn child_raises_nofile_limit() {
+        if !in_child() {
+            return;
+        }
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        let low = 64.min(hard);
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).expect("lower the soft limit");
+        assert_eq!(raise_nofile_limit().expect("raised"), (low, hard));
+        assert_eq!(
+            getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit"),
+            (hard, hard)
+        );
+        // Already at the hard limit: nothing changes.
+        assert_eq!(raise_nofile_limit().expect("unchanged"), (hard, hard));
     }
 
     #[test]
