@@ -12,6 +12,18 @@ use tokio_util::sync::CancellationToken;
 /// Runs the daemon with `config` until it is told to stop (Ok) or cannot go on. Logging
 /// must be set up: from here on everything is reported as log lines.
 pub fn run(config: Config) -> Result<(), Error> {
+    // Each running handler takes descriptors: the soft limit (often 1,024) must not be
+    // what makes healthy entries wait.
+    match crate::exec::process::raise_nofile_limit() {
+        Ok((before, now)) => {
+            tracing::info!(
+                before,
+                now,
+                "open file limit (RLIMIT_NOFILE) raised to the hard limit"
+            )
+        }
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit (RLIMIT_NOFILE)"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -120,6 +120,37 @@ pub struct StreamConfig {
     pub order: Option<OrderConfig>,
 }
 
+#[cfg(test)]
+impl StreamConfig {
+    /// A stream `s` of group `g` running `handler` with the documented defaults, for unit
+    /// tests (struct update syntax changes the rest).
+    pub(crate) fn for_tests(handler: &[&str]) -> StreamConfig {
+        StreamConfig {
+            name: "s".into(),
+            group: "g".into(),
+            handler: handler.iter().map(|a| a.to_string()).collect(),
+            mode: HandlerMode::Exec,
+            max_block_read: 10,
+            worker_prefetch: 1,
+            block: Duration::from_secs(5),
+            start_id: "$".into(),
+            payload: PayloadMode::Field,
+            payload_field: "payload".into(),
+            handler_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
+            dlq: "s:dlq".into(),
+            dlq_exit_codes: Vec::new(),
+            env: BTreeMap::new(),
+            claim_interval: Duration::from_secs(30),
+            claim_idle: Duration::from_secs(60),
+            reap_idle: Duration::from_secs(3600),
+            order: None,
+        }
+    }
+}
+
 /// Per-key ordering of one stream (`order_by` or `order_by_json`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderConfig {

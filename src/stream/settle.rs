@@ -111,31 +111,13 @@ pub(crate) fn retry_delay(cfg: &StreamConfig, failed: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{HandlerMode, PayloadMode};
 
     fn cfg() -> StreamConfig {
         StreamConfig {
-            name: "s".into(),
-            group: "g".into(),
-            handler: vec!["/bin/true".into()],
-            mode: HandlerMode::Exec,
             max_block_read: 4,
-            worker_prefetch: 1,
-            block: Duration::from_secs(5),
-            start_id: "$".into(),
-            payload: PayloadMode::Field,
-            payload_field: "payload".into(),
-            handler_timeout: Duration::from_secs(30),
-            max_attempts: 3,
-            retry_backoff: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(3),
-            dlq: "s:dlq".into(),
             dlq_exit_codes: vec![42],
-            env: Default::default(),
-            claim_interval: Duration::from_secs(30),
-            claim_idle: Duration::from_secs(60),
-            reap_idle: Duration::from_secs(3600),
-            order: None,
+            ..StreamConfig::for_tests(&["/bin/true"])
         }
     }
 
