@@ -25,6 +25,7 @@ use std::process::ExitCode;
 use crate::config::{Config, REDIS_URL_ENV};
 use crate::ops::logging::{self, LogFormat};
 use crate::redis::RedisError;
+use output::note;
 
 pub use dlq::DlqCommand;
 pub use status::StatusArgs;
@@ -118,14 +119,14 @@ pub fn run(
     let config = match Config::load(config_path, std::env::var(REDIS_URL_ENV).ok()) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("redis-streamd: config error: {error}");
+            note!("redis-streamd: config error: {error}");
             return ExitCode::from(EX_CONFIG);
         }
     };
     let _log_guard = match logging::init(log_format, log_level) {
         Ok(guard) => guard,
         Err(error) => {
-            eprintln!("redis-streamd: {error}");
+            note!("redis-streamd: {error}");
             return ExitCode::from(EX_CONFIG);
         }
     };
@@ -135,7 +136,7 @@ pub fn run(
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("redis-streamd: cannot start the async runtime: {error}");
+            note!("redis-streamd: cannot start the async runtime: {error}");
             return ExitCode::from(EX_SOFTWARE);
         }
     };
@@ -147,7 +148,7 @@ pub fn run(
         // `dlq ls | head`: the reader has all it wanted.
         Err(error) if error.is_broken_pipe() => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("redis-streamd: {error}");
+            note!("redis-streamd: {error}");
             ExitCode::from(error.exit_code())
         }
     }

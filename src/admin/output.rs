@@ -7,6 +7,16 @@ use std::io::{IsTerminal, Write};
 
 use serde_json::{Map, Value as Json};
 
+/// Writes one line to stderr. Unlike `eprintln!` it never panics (a closed pipe is
+/// ignored: there is no one left to tell).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use note;
+
 /// Width used when stdout is not a terminal and `COLUMNS` is unset.
 pub(crate) const DEFAULT_WIDTH: usize = 80;
 

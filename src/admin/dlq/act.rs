@@ -11,6 +11,7 @@ use super::{Target, find, scan};
 use crate::admin::AdminError;
 use crate::admin::conn::Conn;
 use crate::admin::filter::FilterArgs;
+use crate::admin::output::note;
 use crate::admin::output::{Style, escape};
 use crate::admin::timefmt::{now_ms, rfc3339};
 
@@ -183,7 +184,7 @@ pub(crate) fn report_missing(sel: &Selection, targets: &[Target]) {
         return;
     }
     let dlqs: Vec<String> = targets.iter().map(|t| escape(t.dlq.as_bytes())).collect();
-    eprintln!(
+    note!(
         "redis-streamd: not found in {}: {}",
         dlqs.join(", "),
         sel.missing.join(" ")

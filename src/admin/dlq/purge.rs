@@ -3,12 +3,13 @@
 
 use std::io::Write;
 
-use super::act::{self, Audit, Request};
+use super::act::{self, Audit, Request, Selection};
 use super::targets;
 use crate::admin::confirm::confirm;
 use crate::admin::conn::Conn;
 use crate::admin::filter::FilterArgs;
 use crate::admin::output::entries;
+use crate::admin::output::note;
 use crate::admin::progress::{Progress, stop_on_signal};
 use crate::admin::{AdminError, Done};
 use crate::config::Config;
@@ -50,27 +51,39 @@ pub(crate) async fn run(args: PurgeArgs, config: &Config, conn: &Conn) -> Result
     let sel = act::select(conn, &targets, &req, |_| None).await?;
     act::report_missing(&sel, &targets);
     let total = sel.total();
+    let mut out = std::io::stdout().lock();
     if total == 0 {
-        println!("nothing to purge");
+        writeln!(out, "nothing to purge")?;
         return Ok(Done::Nothing);
     }
     let dlqs: Vec<&str> = sel.batches.iter().map(|b| b.dlq.as_str()).collect();
     if args.dry_run {
-        println!("would purge {} from {}", entries(total), dlqs.join(", "));
+        writeln!(
+            out,
+            "would purge {} from {}",
+            entries(total),
+            dlqs.join(", ")
+        )?;
+        drop(out);
         act::print_preview(&sel)?;
         return Ok(Done::Ok);
     }
+    drop(out);
     let question = format!(
         "Delete {} from {} for good",
         entries(total),
         dlqs.join(", ")
     );
     if !confirm(args.yes, &question)? {
-        eprintln!("nothing done");
+        note!("nothing done");
         return Ok(Done::Nothing);
     }
+    execute(conn, &sel, &req).await
+}
+
+async fn execute(conn: &Conn, sel: &Selection, req: &Request<'_>) -> Result<Done, AdminError> {
     let stop = stop_on_signal()?;
-    let mut progress = Progress::new("purging", total);
+    let mut progress = Progress::new("purging", sel.total());
     let mut lines = Vec::new();
     let mut purged_all = 0u64;
     for batch in &sel.batches {
@@ -102,6 +115,9 @@ pub(crate) async fn run(args: PurgeArgs, config: &Config, conn: &Conn) -> Result
         let audited = act::audit(conn, &audit).await;
         purged_all += purged;
         lines.push(format!("purged {} from {}", entries(purged), batch.dlq));
+        if result.is_err() {
+            progress.finish();
+        }
         result?;
         audited?;
         if stop.is_cancelled() {
@@ -114,7 +130,11 @@ pub(crate) async fn run(args: PurgeArgs, config: &Config, conn: &Conn) -> Result
         writeln!(out, "{line}")?;
     }
     if stop.is_cancelled() {
-        writeln!(out, "interrupted: purged {purged_all} of {total} entries")?;
+        writeln!(
+            out,
+            "interrupted: purged {purged_all} of {}",
+            entries(sel.total())
+        )?;
         return Ok(Done::Interrupted);
     }
     Ok(Done::Ok)

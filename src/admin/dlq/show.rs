@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::entry::DlqEntry;
 use super::{find, targets};
 use crate::admin::conn::Conn;
+use crate::admin::output::note;
 use crate::admin::output::{Style, escape, json_line};
 use crate::admin::timefmt::{age, local_full, now_ms};
 use crate::admin::{AdminError, Done};
@@ -30,7 +31,7 @@ pub(crate) async fn run(args: ShowArgs, config: &Config, conn: &Conn) -> Result<
     let targets = targets(config, args.stream.as_deref())?;
     let Some(entry) = find(conn, &targets, &args.id).await? else {
         let where_: Vec<&str> = targets.iter().map(|t| t.dlq.as_str()).collect();
-        eprintln!(
+        note!(
             "redis-streamd: no entry {} in {}",
             args.id,
             where_.join(", ")
