@@ -86,6 +86,7 @@ async fn execute(conn: &Conn, sel: &Selection, req: &Request<'_>) -> Result<Done
     let mut progress = Progress::new("purging", sel.total());
     let mut lines = Vec::new();
     let mut purged_all = 0u64;
+    let mut stopped = false;
     for batch in &sel.batches {
         let (mut purged, mut ids) = (0u64, Vec::new());
         let mut result = Ok(());
@@ -103,24 +104,24 @@ async fn execute(conn: &Conn, sel: &Selection, req: &Request<'_>) -> Result<Done
             ids.extend_from_slice(chunk);
             progress.advance(chunk.len() as u64, &batch.dlq);
         }
+        let interrupted = ids.len() < batch.ids.len();
         let audit = Audit {
             action: "purge",
             dlq: &batch.dlq,
             selection: req.describe(),
             count: purged,
             skipped: 0,
-            interrupted: stop.is_cancelled(),
+            interrupted,
             ids: &ids,
         };
+        progress.finish();
         let audited = act::audit(conn, &audit).await;
         purged_all += purged;
         lines.push(format!("purged {} from {}", entries(purged), batch.dlq));
-        if result.is_err() {
-            progress.finish();
-        }
         result?;
         audited?;
-        if stop.is_cancelled() {
+        if interrupted {
+            stopped = true;
             break;
         }
     }
@@ -129,7 +130,7 @@ async fn execute(conn: &Conn, sel: &Selection, req: &Request<'_>) -> Result<Done
     for line in lines {
         writeln!(out, "{line}")?;
     }
-    if stop.is_cancelled() {
+    if stopped {
         writeln!(
             out,
             "interrupted: purged {purged_all} of {}",

@@ -162,7 +162,8 @@ async fn execute(
     for batch in &sel.batches {
         let mut tally = Tally::default();
         let result = replay_batch(conn, batch, &mut tally, &mut pacer, &mut progress, &stop).await;
-        interrupted = stop.is_cancelled();
+        let handled = tally.replayed.len() + tally.gone as usize;
+        interrupted = stop.is_cancelled() && handled < batch.ids.len();
         let audit = Audit {
             action: "replay",
             dlq: &batch.dlq,
@@ -172,6 +173,7 @@ async fn execute(
             interrupted,
             ids: &tally.replayed,
         };
+        progress.finish();
         let audited = act::audit(conn, &audit).await;
         replayed += tally.replayed.len() as u64;
         gone += tally.gone;
@@ -181,7 +183,6 @@ async fn execute(
             batch.dlq
         ));
         if let Err(e) = result {
-            progress.finish();
             note!("redis-streamd: stopped after replaying {replayed} entries");
             return Err(e);
         }
