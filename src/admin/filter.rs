@@ -7,7 +7,7 @@ use crate::admin::timefmt::{parse_bound, rfc3339};
 
 /// `--field name=value`: the first original field `name` equals `value` exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldMatch {
+pub(crate) struct FieldMatch {
     name: String,
     value: String,
 }

@@ -12,7 +12,7 @@ use crate::admin::timefmt::age;
 
 /// `--rate`: entries per second, or `None` for no limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate(pub(crate) Option<f64>);
+pub(crate) struct Rate(pub(crate) Option<f64>);
 
 /// Parses `50/s`, `50` (per second), `600/m`, `3600/h`, or `0` / `unlimited` (no limit).
 pub(crate) fn parse_rate(text: &str) -> Result<Rate, String> {
@@ -79,8 +79,9 @@ impl Pacer {
     }
 }
 
-/// A token cancelled on the first SIGINT or SIGTERM. Installed only once work starts,
-/// so Ctrl-C at a confirmation prompt still ends the program at once.
+/// A token cancelled on the first SIGINT or SIGTERM; a second one exits at once (130).
+/// Installed only once work starts, so Ctrl-C at a confirmation prompt still ends the
+/// program at once.
 pub(crate) fn stop_on_signal() -> Result<CancellationToken, std::io::Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
@@ -93,6 +94,14 @@ pub(crate) fn stop_on_signal() -> Result<CancellationToken, std::io::Error> {
             _ = term.recv() => {}
         }
         cancel.cancel();
+        // A second signal while the current entry is still being written (a slow or
+        // unreachable Redis): leave at once. Safe: a replay step is atomic or resumable.
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        crate::admin::output::note!("redis-streamd: second signal, exiting now");
+        std::process::exit(130);
     });
     Ok(token)
 }

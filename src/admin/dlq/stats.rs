@@ -15,7 +15,7 @@ use crate::config::Config;
 
 /// What `--by` groups on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum By {
+pub(crate) enum By {
     /// `dlq_reason`, as written.
     Reason,
     /// The handler's exit code (`-` for other failures: signals, timeouts, ...).
