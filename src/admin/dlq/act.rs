@@ -83,6 +83,8 @@ pub(crate) struct Selection {
     pub(crate) preview: Vec<DlqEntry>,
     pub(crate) max_replays: u64,
     pub(crate) no_source: u64,
+    /// Skipped entries per DLQ (for the audit entries).
+    skipped_in: std::collections::BTreeMap<String, u64>,
     /// IDs given that are in none of the DLQs.
     pub(crate) missing: Vec<String>,
 }
@@ -92,12 +94,17 @@ impl Selection {
         self.batches.iter().map(|b| b.ids.len() as u64).sum()
     }
 
-    pub(crate) fn skipped(&self) -> u64 {
-        self.max_replays + self.no_source
+    /// Entries of `dlq` that matched but are left alone.
+    pub(crate) fn skipped_in(&self, dlq: &str) -> u64 {
+        self.skipped_in.get(dlq).copied().unwrap_or(0)
     }
 
     fn take(&mut self, entry: DlqEntry, skip: &impl Fn(&DlqEntry) -> Option<Skip>) {
-        match skip(&entry) {
+        let skipped = skip(&entry);
+        if skipped.is_some() {
+            *self.skipped_in.entry(entry.dlq.clone()).or_default() += 1;
+        }
+        match skipped {
             Some(Skip::MaxReplays) => self.max_replays += 1,
             Some(Skip::NoSource) => self.no_source += 1,
             None => {

@@ -169,7 +169,7 @@ async fn execute(
             dlq: &batch.dlq,
             selection: req.describe(),
             count: tally.replayed.len() as u64,
-            skipped: sel.skipped(),
+            skipped: sel.skipped_in(&batch.dlq),
             interrupted,
             ids: &tally.replayed,
         };
