@@ -357,6 +357,12 @@ async fn loop_guard_skips_entries_at_max_replays() {
         out.stdout.contains("skipped 1 entry at --max-replays 3"),
         "{out}"
     );
+    let audit = s.audit("loop:dlq").await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].get_str("action").as_deref(), Some("replay"));
+    assert_eq!(audit[0].get_str("count").as_deref(), Some("2"));
+    assert_eq!(audit[0].get_str("skipped").as_deref(), Some("1"));
+    assert_eq!(audit[0].get_str("selection").as_deref(), Some("--all"));
     let back = s.c.xrange_all("loop").await;
     assert_eq!(back.len(), 2);
     // The count is replaced where it was, or added after the original fields.
