@@ -803,3 +803,47 @@ impl Drop for ReleaseOnDrop {
         let _ = fs::write(&self.0, "");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let s = Setup::new(&[("c", "g", "")]).await;
+    s.add_dead("c:dlq", &dead("c", 1, "exit code 1", MINUTE))
+        .await;
+    let ls = |terminal: bool, no_color: Option<&str>| -> String {
+        let cmd = format!("{DAEMON_BIN} dlq ls --config {}", s.config.display());
+        let mut run = if terminal {
+            let mut c = std::process::Command::new("script");
+            c.args(["-qec", &cmd, "/dev/null"]);
+            c
+        } else {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", &cmd]);
+            c
+        };
+        run.env_remove("NO_COLOR")
+            .stdin(std::process::Stdio::null());
+        if let Some(v) = no_color {
+            run.env("NO_COLOR", v);
+        }
+        let out = run.output().expect("run");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plain = ls(false, None);
+    assert!(
+        plain.contains("exit code 1") && !plain.contains('\u{1b}'),
+        "{plain:?}"
+    );
+    if !which("script") {
+        eprintln!("`script` (util-linux) missing: skipping the terminal colour check");
+        return;
+    }
+    let coloured = ls(true, None);
+    assert!(coloured.contains("\u{1b}[1mID"), "{coloured:?}");
+    for value in ["1", "yes"] {
+        let no_color = ls(true, Some(value));
+        assert!(
+            no_color.contains("exit code 1") && !no_color.contains("\u{1b}["),
+            "{no_color:?}"
+        );
+    }
+}
