@@ -28,7 +28,8 @@ pub(crate) fn parse_rate(text: &str) -> Result<Rate, String> {
         _ => return Err(format!("{text:?}: the unit must be /s, /m or /h")),
     };
     match count.parse::<f64>() {
-        Ok(n) if n.is_finite() && n > 0.0 => Ok(Rate(Some(n / seconds))),
+        Ok(n) if n.is_finite() && n / seconds >= 1.0 / 3600.0 => Ok(Rate(Some(n / seconds))),
+        Ok(n) if n > 0.0 => Err(format!("{text:?} is slower than 1/h")),
         Ok(0.0) => Ok(Rate(None)),
         _ => Err(format!("{text:?} is not a rate such as 50/s")),
     }
@@ -63,7 +64,8 @@ impl Pacer {
     /// Waits for the next slot; returns false if `stop` was cancelled meanwhile.
     pub(crate) async fn next(&mut self, stop: &CancellationToken) -> bool {
         if let Some(rate) = self.rate {
-            let due = self.start + Duration::from_secs_f64(self.n as f64 / rate);
+            let offset = Duration::try_from_secs_f64(self.n as f64 / rate).unwrap_or(Duration::MAX);
+            let due = self.start.checked_add(offset).unwrap_or(self.start);
             let now = tokio::time::Instant::now();
             if due > now {
                 tokio::select! {
@@ -71,7 +73,7 @@ impl Pacer {
                     _ = stop.cancelled() => return false,
                 }
             } else if now.duration_since(due) > Duration::from_secs(1) {
-                self.start = now - Duration::from_secs_f64(self.n as f64 / rate);
+                self.start = now.checked_sub(offset).unwrap_or(now);
             }
         }
         self.n += 1;
@@ -185,6 +187,8 @@ mod tests {
         assert!(parse_rate("-3/s").is_err());
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("5/d").is_err());
+        assert!(parse_rate("1e-300/h").is_err());
+        assert!(parse_rate("1e300/s").is_ok());
     }
 
     #[tokio::test]
