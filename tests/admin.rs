@@ -693,7 +693,7 @@ async fn status_with_no_daemon_a_running_one_and_a_killed_one() {
             "jobs",
             "g",
             &script,
-            "claim_idle = \"3s\"\nblock = \"500ms\"",
+            "claim_idle = \"6s\"\nblock = \"500ms\"",
         ),
     );
     let config_path = work.path().join("streamd.toml");
