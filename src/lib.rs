@@ -16,7 +16,9 @@
 //! - [`backoff`] and [`identity`]: the one retry backoff and the one (stream, group,
 //!   consumer) type, shared by all of the above.
 //! - [`ops`]: signals and shutdown, reaper, sd_notify, metrics and health, logging.
+//! - [`admin`]: the operator commands `status` and `dlq ls|show|stats|replay|purge`.
 
+pub mod admin;
 pub mod app;
 pub(crate) mod backoff;
 pub mod config;

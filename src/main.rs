@@ -16,8 +16,14 @@ use redis_streamd::ops::logging::{self, LogFormat};
 #[command(version, about)]
 struct Cli {
     /// The TOML config file.
-    #[arg(short, long, env = "REDIS_STREAMD_CONFIG", value_name = "FILE")]
-    config: PathBuf,
+    #[arg(
+        short,
+        long,
+        env = "REDIS_STREAMD_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    config: Option<PathBuf>,
 
     /// Validate the config, print a summary of the streams and exit (0, or 78 when invalid)
     /// without connecting to Redis.
@@ -29,18 +35,36 @@ struct Cli {
         long,
         value_enum,
         default_value = "text",
-        env = "REDIS_STREAMD_LOG_FORMAT"
+        env = "REDIS_STREAMD_LOG_FORMAT",
+        global = true
     )]
     log_format: LogFormat,
 
     /// Log filter, e.g. `info`, `debug`, `warn,redis_streamd=debug`. Default: RUST_LOG, or info.
-    #[arg(long, env = "REDIS_STREAMD_LOG_LEVEL")]
+    #[arg(long, env = "REDIS_STREAMD_LOG_LEVEL", global = true)]
     log_level: Option<String>,
+
+    /// Operator commands; without one, run the daemon.
+    #[command(subcommand)]
+    command: Option<redis_streamd::admin::Command>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config, &Overrides::from_process()) {
+    let Some(config_path) = cli.config.as_deref() else {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config FILE (or REDIS_STREAMD_CONFIG) is required",
+            )
+            .exit()
+    };
+    if let Some(command) = cli.command {
+        let level = cli.log_level.as_deref();
+        return redis_streamd::admin::run(command, config_path, cli.log_format, level);
+    }
+    let config = match Config::load(config_path, &Overrides::from_process()) {
         Ok(config) => config,
         Err(error) => return exit(error.into()),
     };
