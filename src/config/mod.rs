@@ -16,20 +16,20 @@ use std::time::Duration;
 
 /// Environment variable whose value replaces `[redis] url`, so passwords can stay out of
 /// config files.
-pub const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
+pub(crate) const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
 
 /// Environment variable whose value replaces `[daemon] consumer`, so several instances
 /// sharing one config file (e.g. a systemd template unit) get distinct consumer names.
-pub const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
+pub(crate) const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file it was read from (for log lines and `--check`).
-    pub path: PathBuf,
-    pub redis: RedisConfig,
-    pub daemon: DaemonConfig,
-    pub streams: Vec<StreamConfig>,
+    pub(crate) path: PathBuf,
+    pub(crate) redis: RedisConfig,
+    pub(crate) daemon: DaemonConfig,
+    pub(crate) streams: Vec<StreamConfig>,
 }
 
 /// `[redis]`
@@ -45,7 +45,7 @@ pub struct RedisConfig {
 
 /// `[daemon]`
 #[derive(Debug, Clone)]
-pub struct DaemonConfig {
+pub(crate) struct DaemonConfig {
     /// `consumer`: consumer name used in every group. Default: the host name.
     pub consumer: String,
     /// `shutdown_timeout`: how long SIGTERM waits for running handlers. Default 30s.
@@ -57,7 +57,7 @@ pub struct DaemonConfig {
 
 /// `payload` of a `[[streams]]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadMode {
+pub(crate) enum PayloadMode {
     /// The raw bytes of `payload_field` go to stdin.
     Field,
     /// The whole entry as one JSON object goes to stdin.
@@ -66,7 +66,7 @@ pub enum PayloadMode {
 
 /// `mode` of a `[[streams]]` table: how entries reach the handler program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandlerMode {
+pub(crate) enum HandlerMode {
     /// A fresh process per entry attempt (the default).
     Exec,
     /// `max_block_read` long-lived processes fed entries over a pipe (see `worker`).
@@ -75,7 +75,7 @@ pub enum HandlerMode {
 
 /// One `[[streams]]` table.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StreamConfig {
+pub(crate) struct StreamConfig {
     pub name: String,
     pub group: String,
     /// argv; `handler[0]` is the program, executed directly (no shell).
