@@ -7,7 +7,7 @@
 //!
 //! This module holds the schema (the validated types), loading and the `--check` summary;
 //! the parts live in submodules: [`raw`] (the file as written, for serde), [`validate`]
-//! (the rules and defaults), [`locate`] (key paths and their lines in the file) and
+//! (the rules and defaults; [`streams`] for the `[[streams]]` tables), [`locate`] (key paths and their lines in the file) and
 //! [`program`] (finding and checking handler programs).
 
 use std::collections::BTreeMap;
@@ -213,6 +213,7 @@ impl std::fmt::Debug for RedisConfig {
 mod locate;
 mod program;
 mod raw;
+mod streams;
 mod validate;
 
 use locate::{Locator, syntax_error};
