@@ -222,7 +222,7 @@ use validate::Ctx;
 
 /// What loading takes from the process rather than the file. [`Overrides::from_process`]
 /// is the one place that reads them; tests build the struct by hand.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Overrides {
     /// [`REDIS_URL_ENV`]: wins over `[redis] url`.
     pub redis_url: Option<String>,
@@ -245,6 +245,18 @@ impl Overrides {
                 .ok()
                 .map(|h| h.to_string_lossy().into_owned()),
         }
+    }
+}
+
+/// The URL may hold a password: shown redacted, as everywhere else.
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("consumer", &self.consumer)
+            .field("path", &self.path)
+            .field("hostname", &self.hostname)
+            .finish()
     }
 }
 
@@ -391,6 +403,19 @@ handler = ["sh", "-c", "cat"]
         let err = Config::load(&path, &overrides()).expect_err("missing file");
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         assert!(err.to_string().starts_with(&path.display().to_string()));
+    }
+
+    #[test]
+    fn overrides_debug_hides_the_password() {
+        let o = Overrides {
+            redis_url: Some("redis://u:hunter2@h:6379".into()),
+            ..overrides()
+        };
+        let debug = format!("{o:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("u:***@h"),
+            "{debug}"
+        );
     }
 
     #[test]
