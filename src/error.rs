@@ -10,11 +10,11 @@ use crate::redis::RedisError;
 use crate::supervisor::DaemonError;
 
 /// sysexits.h: a configuration error. systemd units use it with RestartPreventExitStatus.
-pub const EX_CONFIG: u8 = 78;
+const EX_CONFIG: u8 = 78;
 /// sysexits.h: a service we need (Redis) is unavailable.
-pub const EX_UNAVAILABLE: u8 = 69;
+const EX_UNAVAILABLE: u8 = 69;
 /// sysexits.h: an internal error.
-pub const EX_SOFTWARE: u8 = 70;
+const EX_SOFTWARE: u8 = 70;
 
 /// Why the process stops with a non-zero exit code.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 //!
 //! This module holds the schema (the validated types), loading and the `--check` summary;
 //! the parts live in submodules: [`raw`] (the file as written, for serde), [`validate`]
-//! (the rules and defaults), [`locate`] (key paths and their lines in the file) and
+//! (the rules and defaults; [`streams`] for the `[[streams]]` tables), [`locate`] (key paths and their lines in the file) and
 //! [`program`] (finding and checking handler programs).
 
 use std::collections::BTreeMap;
@@ -16,20 +16,20 @@ use std::time::Duration;
 
 /// Environment variable whose value replaces `[redis] url`, so passwords can stay out of
 /// config files.
-pub const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
+pub(crate) const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
 
 /// Environment variable whose value replaces `[daemon] consumer`, so several instances
 /// sharing one config file (e.g. a systemd template unit) get distinct consumer names.
-pub const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
+pub(crate) const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file it was read from (for log lines and `--check`).
-    pub path: PathBuf,
-    pub redis: RedisConfig,
-    pub daemon: DaemonConfig,
-    pub streams: Vec<StreamConfig>,
+    pub(crate) path: PathBuf,
+    pub(crate) redis: RedisConfig,
+    pub(crate) daemon: DaemonConfig,
+    pub(crate) streams: Vec<StreamConfig>,
 }
 
 /// `[redis]`
@@ -45,7 +45,7 @@ pub struct RedisConfig {
 
 /// `[daemon]`
 #[derive(Debug, Clone)]
-pub struct DaemonConfig {
+pub(crate) struct DaemonConfig {
     /// `consumer`: consumer name used in every group. Default: the host name.
     pub consumer: String,
     /// `shutdown_timeout`: how long SIGTERM waits for running handlers. Default 30s.
@@ -57,7 +57,7 @@ pub struct DaemonConfig {
 
 /// `payload` of a `[[streams]]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadMode {
+pub(crate) enum PayloadMode {
     /// The raw bytes of `payload_field` go to stdin.
     Field,
     /// The whole entry as one JSON object goes to stdin.
@@ -66,7 +66,7 @@ pub enum PayloadMode {
 
 /// `mode` of a `[[streams]]` table: how entries reach the handler program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandlerMode {
+pub(crate) enum HandlerMode {
     /// A fresh process per entry attempt (the default).
     Exec,
     /// `max_block_read` long-lived processes fed entries over a pipe (see `worker`).
@@ -75,7 +75,7 @@ pub enum HandlerMode {
 
 /// One `[[streams]]` table.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StreamConfig {
+pub(crate) struct StreamConfig {
     pub name: String,
     pub group: String,
     /// argv; `handler[0]` is the program, executed directly (no shell).
@@ -274,6 +274,7 @@ impl std::fmt::Debug for RedisConfig {
 mod locate;
 mod program;
 mod raw;
+mod streams;
 mod validate;
 
 use locate::{Locator, syntax_error};
@@ -282,7 +283,7 @@ use validate::Ctx;
 
 /// What loading takes from the process rather than the file. [`Overrides::from_process`]
 /// is the one place that reads them; tests build the struct by hand.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Overrides {
     /// [`REDIS_URL_ENV`]: wins over `[redis] url`.
     pub redis_url: Option<String>,
@@ -305,6 +306,18 @@ impl Overrides {
                 .ok()
                 .map(|h| h.to_string_lossy().into_owned()),
         }
+    }
+}
+
+/// The URL may hold a password: shown redacted, as everywhere else.
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("consumer", &self.consumer)
+            .field("path", &self.path)
+            .field("hostname", &self.hostname)
+            .finish()
     }
 }
 
@@ -451,6 +464,19 @@ handler = ["sh", "-c", "cat"]
         let err = Config::load(&path, &overrides()).expect_err("missing file");
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         assert!(err.to_string().starts_with(&path.display().to_string()));
+    }
+
+    #[test]
+    fn overrides_debug_hides_the_password() {
+        let o = Overrides {
+            redis_url: Some("redis://u:hunter2@h:6379".into()),
+            ..overrides()
+        };
+        let debug = format!("{o:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("u:***@h"),
+            "{debug}"
+        );
     }
 
     #[test]
