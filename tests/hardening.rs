@@ -49,11 +49,8 @@ async fn out_of_file_descriptors_waits_instead_of_dead_lettering() {
             &script,
             "max_block_read = 40\nmax_attempts = 1",
         ),
-    )
-    .replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
     );
+    let cfg = with_metrics_listen(&cfg, port);
     let c = TestClient::connect(&redis.url()).await;
     let d = Daemon::start(&cfg);
     d.wait_group(&c, "jobs", "g").await;
@@ -162,11 +159,8 @@ async fn entry_deleted_while_waiting_for_its_retry_is_warned_and_counted() {
                 fast_except(&["retry_backoff", "claim_interval"])
             ),
         ),
-    )
-    .replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
     );
+    let cfg = with_metrics_listen(&cfg, port);
     let c = TestClient::connect(&redis.url()).await;
     let d = Daemon::start(&cfg);
     d.wait_group(&c, "jobs", "g").await;

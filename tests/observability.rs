@@ -28,11 +28,8 @@ async fn metrics_and_health_match_what_happened() {
             &script,
             "block = \"200ms\"\nstart_id = \"0\"\nmax_attempts = 2\nretry_backoff = \"100ms\"",
         ),
-    )
-    .replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
     );
+    let cfg = with_metrics_listen(&cfg, port);
     let c = TestClient::connect(&redis.url()).await;
     for i in 0..5 {
         c.xadd("jobs", &[("payload", format!("ok {i}").as_bytes())])
@@ -114,11 +111,8 @@ async fn readyz_is_503_while_redis_is_unreachable() {
     let cfg = config(
         &format!("redis://127.0.0.1:{dead_port}/0"),
         &stream_table("jobs", "g", &script, ""),
-    )
-    .replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
     );
+    let cfg = with_metrics_listen(&cfg, port);
     let mut d = Daemon::start(&cfg);
     d.wait_until(LONG, "/healthz answers", || async move {
         matches!(http_get(port, "/healthz"), Some((200, _)))
@@ -226,11 +220,8 @@ async fn health_answers_while_hundreds_of_connections_idle() {
     let cfg = config(
         &redis.url(),
         &stream_table("jobs", "g", &script, "block = \"200ms\""),
-    )
-    .replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
     );
+    let cfg = with_metrics_listen(&cfg, port);
     let mut d = Daemon::start(&cfg);
     d.wait_until(LONG, "/readyz answers 200", || async move {
         matches!(http_get(port, "/readyz"), Some((200, _)))

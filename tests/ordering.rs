@@ -274,10 +274,7 @@ async fn entries_without_a_key_run_unordered_and_are_counted() {
             .await;
     }
     let table = fast_stream("chat", "g", &script, "max_block_read = 4\norder_by = \"k\"");
-    let cfg = config(&redis.url(), &table).replace(
-        "[daemon]\n",
-        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
-    );
+    let cfg = with_metrics_listen(&config(&redis.url(), &table), port);
     let d = Daemon::start(&cfg);
     d.wait_settled(&c, "chat", "g", &last).await;
     let spans: Vec<(u128, u128)> = fs::read_to_string(work.path().join("unkeyed"))

@@ -1049,6 +1049,14 @@ pub fn config(url: &str, streams: &str) -> String {
     )
 }
 
+/// `cfg` (from [`config`] or alike) with `metrics_listen` on 127.0.0.1:`port`.
+pub fn with_metrics_listen(cfg: &str, port: u16) -> String {
+    cfg.replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    )
+}
+
 /// One `[[streams]]` table; `extra` is more `key = value` lines.
 pub fn stream_table(name: &str, group: &str, script: &Path, extra: &str) -> String {
     format!(
