@@ -121,6 +121,17 @@ pub(crate) struct StreamConfig {
 }
 
 #[cfg(test)]
+impl RedisConfig {
+    /// `url` with a 10 s connect timeout, for unit tests.
+    pub(crate) fn for_tests(url: &str) -> RedisConfig {
+        RedisConfig {
+            url: url.to_owned(),
+            connect_timeout: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[cfg(test)]
 impl StreamConfig {
     /// A stream `s` of group `g` running `handler` with the documented defaults, for unit
     /// tests (struct update syntax changes the rest).
