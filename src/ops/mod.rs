@@ -4,6 +4,6 @@
 pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod notify;
-pub mod reaper;
-pub mod shutdown;
-pub mod signals;
+pub(crate) mod reaper;
+pub(crate) mod shutdown;
+pub(crate) mod signals;
