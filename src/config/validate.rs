@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use super::locate::{KeyPath, Locator};
 use super::program::resolve_program;
-use super::raw::{RawConfig, RawDaemon, RawRedis, RawStream};
+use super::raw::{RawConfig, RawDaemon, RawStream};
 use super::{
-    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Host, PayloadMode, REDIS_URL_ENV,
-    RedisConfig, StreamConfig, redact_url,
+    CONSUMER_ENV, Config, ConfigError, DaemonConfig, HandlerMode, Host, PayloadMode, StreamConfig,
 };
 
 /// The longest duration any key accepts.
@@ -53,11 +52,11 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn invalid(&self, key: &KeyPath, message: impl Into<String>) -> ConfigError {
+    pub(super) fn invalid(&self, key: &KeyPath, message: impl Into<String>) -> ConfigError {
         self.loc.invalid(key, message)
     }
 
-    fn config_dir(&self) -> &Path {
+    pub(super) fn config_dir(&self) -> &Path {
         // `Path::parent` of a bare file name is "", which means the current directory.
         self.loc
             .file
@@ -76,32 +75,6 @@ impl Ctx<'_> {
             redis: self.redis(raw.redis.unwrap_or_default(), env_url)?,
             daemon: self.daemon(raw.daemon.unwrap_or_default())?,
             streams: self.streams(raw.streams.unwrap_or_default())?,
-        })
-    }
-
-    fn redis(&self, raw: RawRedis, env_url: Option<String>) -> Result<RedisConfig, ConfigError> {
-        let key = KeyPath::new("redis").key("url");
-        let from_env = env_url.is_some();
-        let url = env_url
-            .or(raw.url)
-            .ok_or_else(|| self.invalid(&key, format!("is required (or set {REDIS_URL_ENV})")))?;
-        check_url(&url).map_err(|why| {
-            // The file may be fine; say where the bad value really came from.
-            let why = if from_env {
-                format!("{REDIS_URL_ENV}: {why}")
-            } else {
-                why
-            };
-            self.invalid(&key, why)
-        })?;
-        let timeout_key = KeyPath::new("redis").key("connect_timeout");
-        let connect_timeout = raw
-            .connect_timeout
-            .map(|t| self.parse_duration(&timeout_key, &t))
-            .transpose()?;
-        Ok(RedisConfig {
-            url,
-            connect_timeout,
         })
     }
 
@@ -373,7 +346,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn parse_duration(&self, key: &KeyPath, text: &str) -> Result<Duration, ConfigError> {
+    pub(super) fn parse_duration(
+        &self,
+        key: &KeyPath,
+        text: &str,
+    ) -> Result<Duration, ConfigError> {
         let duration = humantime::parse_duration(text).map_err(|e| {
             self.invalid(
                 key,
@@ -487,20 +464,6 @@ impl Ctx<'_> {
 
 fn stream_key(i: usize, key: &str) -> KeyPath {
     KeyPath::new("streams").index(i).key(key)
-}
-
-fn check_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("redis://")
-        .or_else(|| url.strip_prefix("rediss://"));
-    match rest {
-        None => Err(format!(
-            "must start with redis:// or rediss:// (got {:?})",
-            redact_url(url)
-        )),
-        Some("") => Err("has no host after the scheme".to_string()),
-        Some(_) => Ok(()),
-    }
 }
 
 fn check_env_var(name: &str, value: &str) -> Result<(), String> {
@@ -727,49 +690,6 @@ reap_idle = "2h"
             "streams",
             "at least one stream",
         );
-    }
-
-    #[test]
-    fn redis_url_required() {
-        let text = "# comment\n\n[redis]\nconnect_timeout = \"5s\"\n\n[[streams]]\nname = \"a\"\ngroup = \"g\"\nhandler = [\"sh\"]\n";
-        assert_invalid(text, 3, "redis.url", REDIS_URL_ENV);
-        let no_table = "[[streams]]\nname = \"a\"\ngroup = \"g\"\nhandler = [\"sh\"]\n";
-        assert_invalid(no_table, 1, "redis.url", "is required");
-    }
-
-    #[test]
-    fn redis_url_scheme() {
-        let text = MINIMAL.replace("redis://127.0.0.1", "http://user:hunter2@127.0.0.1");
-        assert_invalid(
-            &text,
-            2,
-            "redis.url",
-            "must start with redis:// or rediss://",
-        );
-        let (_, _, message) = invalid(&text);
-        assert!(!message.contains("hunter2"), "{message}");
-        assert_invalid(
-            &MINIMAL.replace("redis://127.0.0.1:6379/0", "redis://"),
-            2,
-            "redis.url",
-            "no host",
-        );
-    }
-
-    #[test]
-    fn env_url_overrides_and_permits_missing_url() {
-        let c = load_text_env(MINIMAL, Some("rediss://:pw@env-host:6379")).expect("valid");
-        assert_eq!(c.redis.url, "rediss://:pw@env-host:6379");
-
-        let without_url = MINIMAL.replace("url = \"redis://127.0.0.1:6379/0\"\n", "");
-        let c = load_text_env(&without_url, Some("redis://env-host")).expect("valid");
-        assert_eq!(c.redis.url, "redis://env-host");
-
-        let (line, key, message) =
-            invalid_from(load_text_env(MINIMAL, Some("tcp://user:pw@env-host")));
-        assert_eq!((line, key.as_str()), (2, "redis.url"));
-        assert!(message.starts_with(REDIS_URL_ENV), "{message}");
-        assert!(!message.contains(":pw@"), "{message}");
     }
 
     #[test]

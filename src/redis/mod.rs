@@ -1,7 +1,12 @@
 //! Redis connections and the stream commands the daemon speaks.
 //!
+//! - [`url`](mod@url): the URL forms (standalone, Cluster, Sentinel, unix socket), parsed
+//!   in full, and redaction of their secrets.
+//! - [`tls`](mod@tls): the CA and client certificate of `rediss*://` connections.
 //! - [`connect`](mod@connect): building and connecting fred clients, watching their
 //!   connections.
+//! - [`failover`](mod@failover): Sentinel's `+switch-master`, the primary in use, cluster
+//!   primary changes.
 //! - [`commands`](mod@commands): [`StreamCommands`], every command of a consume loop.
 //! - [`reply`](mod@reply): decoding replies into [`Entry`], [`PendingEntry`] and friends.
 //! - [`error`](mod@error): [`RedisError`].
@@ -9,9 +14,12 @@
 pub(crate) mod commands;
 pub(crate) mod connect;
 pub(crate) mod error;
+pub(crate) mod failover;
 pub(crate) mod reply;
+pub mod tls;
+pub mod url;
 
 pub use commands::StreamCommands;
-pub use connect::{connect, watch_connection};
+pub use connect::{Connector, Role, watch_connection};
 pub use error::RedisError;
 pub use reply::{AutoClaim, ConsumerInfo, Entry, PendingEntry};
