@@ -229,6 +229,7 @@ impl Daemon {
                     reconnects.redis_reconnect();
                 }
             });
+            crate::stream::dlq::warn_if_split(&commands, &task_cfg.name, &task_cfg.dlq);
             let stream_loop =
                 StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop, hooks);
             match stream_loop.prepare(&task_stop).await {

@@ -2,10 +2,8 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use fred::prelude::{
     Client, ClientInterface, ClientLike, Error as FredError, EventInterface, StreamsInterface,
-    TransactionInterface,
 };
 use fred::types::{ClientUnblockFlag, Value};
 
@@ -20,7 +18,7 @@ use crate::identity::Consumer;
 /// The stream commands for one (stream, group, consumer).
 #[derive(Clone)]
 pub struct StreamCommands {
-    client: Client,
+    pub(super) client: Client,
     /// The consumer these commands act as.
     pub(crate) who: Consumer,
 }
@@ -260,20 +258,5 @@ impl StreamCommands {
             .client
             .xgroup_delconsumer(&self.who.stream, &self.who.group, name)
             .await?)
-    }
-
-    /// Writes `fields` to the dead-letter stream and acks `id` in one MULTI/EXEC, so the
-    /// entry is never both dead-lettered and pending (no duplicate DLQ entries on retry).
-    pub async fn dead_letter(
-        &self,
-        dlq: &str,
-        id: &str,
-        fields: Vec<(Bytes, Bytes)>,
-    ) -> Result<(), RedisError> {
-        let tx = self.client.multi();
-        let _: Value = tx.xadd(dlq, false, None::<()>, "*", fields).await?;
-        let _: Value = tx.xack(&self.who.stream, &self.who.group, id).await?;
-        let _: Value = tx.exec(true).await?;
-        Ok(())
     }
 }

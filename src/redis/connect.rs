@@ -283,68 +283,32 @@ pub fn watch_connection(
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command, Stdio};
-
     use fred::prelude::KeysInterface;
 
     use super::*;
+    use crate::redis::test_server::Server;
     use crate::redis::tls::TlsFiles;
     use crate::redis::tls::test_pki::{self, Pki};
 
-    /// A redis-server killed on drop.
-    struct Server {
-        child: Child,
-        port: u16,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port")
-    }
-
-    /// redis-server with TLS only, on a free port, ready when this returns.
+    /// redis-server with TLS only, on a free port.
     fn start_tls(pki: &Pki, auth_clients: bool) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--tls-port", &port.to_string()])
-            .arg("--tls-cert-file")
-            .arg(&pki.server_cert)
-            .arg("--tls-key-file")
-            .arg(&pki.server_key)
-            .arg("--tls-ca-cert-file")
-            .arg(&pki.ca)
-            .args([
-                "--tls-auth-clients",
-                if auth_clients { "yes" } else { "no" },
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "TLS redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server {
-            child,
-            port,
-            _dir: dir,
-        }
+        Server::start_with(|port| {
+            let path = |p: &std::path::Path| p.display().to_string();
+            vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                path(&pki.server_cert),
+                "--tls-key-file".into(),
+                path(&pki.server_key),
+                "--tls-ca-cert-file".into(),
+                path(&pki.ca),
+                "--tls-auth-clients".into(),
+                if auth_clients { "yes" } else { "no" }.into(),
+            ]
+        })
     }
 
     fn config(url: String, tls: TlsFiles) -> RedisConfig {

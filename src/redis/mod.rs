@@ -8,18 +8,24 @@
 //! - [`failover`](mod@failover): Sentinel's `+switch-master`, the primary in use, cluster
 //!   primary changes.
 //! - [`commands`](mod@commands): [`StreamCommands`], every command of a consume loop.
+//! - [`dead_letter`](mod@dead_letter): the dead-letter write (a script: XADD, then XACK
+//!   only if it worked).
 //! - [`reply`](mod@reply): decoding replies into [`Entry`], [`PendingEntry`] and friends.
 //! - [`error`](mod@error): [`RedisError`].
 
 pub(crate) mod commands;
 pub(crate) mod connect;
+pub(crate) mod dead_letter;
 pub(crate) mod error;
 pub(crate) mod failover;
 pub(crate) mod reply;
+#[cfg(test)]
+pub(crate) mod test_server;
 pub mod tls;
 pub mod url;
 
 pub use commands::StreamCommands;
 pub use connect::{Connector, Role, watch_connection};
+pub use dead_letter::{DeadLetter, DlqWrite};
 pub use error::RedisError;
 pub use reply::{AutoClaim, ConsumerInfo, Entry, PendingEntry};
