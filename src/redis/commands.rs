@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use fred::prelude::{
-    Client, ClientInterface, ClientLike, Error as FredError, EventInterface, StreamsInterface,
+    Client, ClientInterface, ClientLike, Error as FredError, ErrorKind, EventInterface, Options,
+    StreamsInterface,
 };
 use fred::types::{ClientUnblockFlag, Value};
 
@@ -14,6 +15,12 @@ use super::reply::{
     text,
 };
 use crate::identity::Consumer;
+
+/// How long after its block time a read's reply may be late before the reader's
+/// connection is considered dead.
+const READ_MARGIN: Duration = Duration::from_secs(5);
+/// How long a read waits for the reconnect it started after a timeout.
+const RECONNECT_WAIT: Duration = Duration::from_secs(5);
 
 /// The stream commands for one (stream, group, consumer).
 #[derive(Clone)]
@@ -43,6 +50,12 @@ impl StreamCommands {
 
     /// `XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS key id`. `id` is `>` for new
     /// entries or an id to page through our own pending list.
+    ///
+    /// A reply that has not come [`READ_MARGIN`] after the block time is given up on and
+    /// the connection replaced: the node is frozen or gone without a word (a primary
+    /// stopped before its failover, a dead network path), and a blocked connection is
+    /// never checked for that by fred. The error makes the loop scan its pending list
+    /// once the new connection is up, for entries the abandoned read delivered.
     pub async fn read(
         &self,
         count: usize,
@@ -50,8 +63,14 @@ impl StreamCommands {
         id: &str,
     ) -> Result<Vec<Entry>, RedisError> {
         let block_ms = block.map(|b| (b.as_millis() as u64).max(1));
-        let reply: Value = self
+        let limit = block.unwrap_or_default() + READ_MARGIN;
+        let options = Options {
+            timeout: Some(limit),
+            ..Options::default()
+        };
+        let reply: Result<Value, FredError> = self
             .client
+            .with_options(&options)
             .xreadgroup(
                 &self.who.group,
                 &self.who.name,
@@ -61,8 +80,26 @@ impl StreamCommands {
                 &self.who.stream,
                 id,
             )
-            .await?;
-        parse_read_reply(reply)
+            .await;
+        match reply {
+            Ok(reply) => parse_read_reply(reply),
+            Err(error) if *error.kind() == ErrorKind::Timeout => {
+                tracing::warn!(
+                    stream = %self.who.stream,
+                    waited = ?limit,
+                    "no reply to XREADGROUP in time; replacing the reader's connection"
+                );
+                let reconnect = self.client.force_reconnection();
+                if tokio::time::timeout(RECONNECT_WAIT, reconnect)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(stream = %self.who.stream, "reader reconnect still under way");
+                }
+                Err(error.into())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Ends a blocking read on this client's connection early, as if its BLOCK had timed

@@ -43,6 +43,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// treated as dead (reconnect, command sent again). Never applies to a blocked read.
 const COMMANDS_UNRESPONSIVE: Duration = Duration::from_secs(10);
 
+/// A router that ran this long before it ended restarts after the shortest delay.
+const ROUTER_STABLE: Duration = Duration::from_secs(30);
+
 /// What a client is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -122,8 +125,9 @@ impl Connector {
                 _ = stop.cancelled() => return Err(RedisError::Stopped),
             };
             let error = match attempt {
-                Ok(_handle) => {
+                Ok(router) => {
                     self.follow(&client, role);
+                    keep_routing(&client, router, role);
                     return Ok(client);
                 }
                 Err(e) => RedisError::connect(e),
@@ -228,6 +232,47 @@ impl Connector {
             }
         });
     }
+}
+
+/// Restarts `client`'s router task whenever it ends with an error, until the client is
+/// closed (`quit`, which ends it cleanly).
+///
+/// With an unlimited reconnect policy the router should never end, but fred 10.1 ends it
+/// when a command runs out of attempts while following `ASK`: it sends `ASKING` to the
+/// importing node but the command itself to the slot's old owner, which answers `ASK`
+/// again, and the error ends the router (`Routing Error: Max attempts reached`). The
+/// client then hangs every later command. This happens for every key of a slot being
+/// migrated, between MIGRATE and `CLUSTER SETSLOT ... NODE`. Restarting the router
+/// (`connect()` again) keeps the commands queued meanwhile; the failed command's caller
+/// gets the error and retries.
+fn keep_routing(client: &Client, router: fred::types::ConnectHandle, role: Role) {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let mut router = router;
+        let mut backoff = Backoff::redis();
+        loop {
+            let started = Instant::now();
+            let ended = router.await;
+            if started.elapsed() > ROUTER_STABLE {
+                backoff.reset();
+            }
+            let error = match ended {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) if error.is_canceled() => return,
+                Ok(Err(error)) => error.to_string(),
+                Err(join_error) => join_error.to_string(),
+            };
+            let delay = backoff.fail();
+            tracing::warn!(
+                role = role.as_str(),
+                %error,
+                restart_in = ?delay,
+                "redis client stopped; restarting it"
+            );
+            tokio::time::sleep(delay).await;
+            router = client.connect();
+        }
+    });
 }
 
 /// fred's configuration for `target`, with TLS set up from the `[redis]` TLS files.

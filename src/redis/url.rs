@@ -148,7 +148,9 @@ fn parse_tcp(url: &str, deployment: Deployment) -> Result<Target, String> {
             }
             let server = ServerConfig::Clustered {
                 hosts: nodes,
-                policy: ClusterDiscoveryPolicy::default(),
+                // Rediscovery may ask any node last seen in the cluster, not only those
+                // in the URL: they may be the ones that failed.
+                policy: ClusterDiscoveryPolicy::UseCache,
             };
             (server, None)
         }
