@@ -56,16 +56,48 @@ pub fn dlq_fields(cmds: &StreamCommands, entry: &Entry, failure: &Failure) -> Ve
 /// Redis Cluster where `stream` and `dlq` hash to different slots.
 pub(crate) fn warn_if_split(commands: &fred::prelude::Client, stream: &str, dlq: &str) {
     if let Some((source_slot, dlq_slot)) = split_slots(commands, stream, dlq) {
+        let fix = colocated_dlq(stream).map_or_else(
+            || "give both keys the same hash tag, e.g. name = \"{orders}\" and dlq = \"{orders}:dlq\"".to_string(),
+            |suggestion| format!("set dlq = {suggestion:?}, which hashes like the stream"),
+        );
         tracing::warn!(
             stream,
             dlq,
             source_slot,
             dlq_slot,
             "the stream and its dead-letter stream hash to different cluster slots: a dead-letter \
-             write is XADD then XACK, not one atomic step (a crash between them leaves a duplicate \
-             DLQ entry); put both keys in one slot with a hash tag, e.g. name = \"{{orders}}\" and \
-             dlq = \"{{orders}}:dlq\""
+             write is XADD then XACK, not one atomic step (a crash between them leaves a \
+             duplicate DLQ entry); to make it atomic, {fix}"
         );
+    }
+}
+
+/// A DLQ name in the slot of `stream`: `{tag}:dlq` with the stream's own hash tag, or
+/// `{stream}:dlq` for a name without one; `None` when neither lands in its slot.
+fn colocated_dlq(stream: &str) -> Option<String> {
+    let tag = stream
+        .split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(tag, _)| tag)
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or(stream);
+    let candidate = format!("{{{tag}}}:dlq");
+    let slot = fred::util::redis_keyslot;
+    (slot(candidate.as_bytes()) == slot(stream.as_bytes())).then_some(candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colocated_dlq_names() {
+        use super::colocated_dlq;
+        assert_eq!(colocated_dlq("orders").as_deref(), Some("{orders}:dlq"));
+        assert_eq!(
+            colocated_dlq("{shop}.orders").as_deref(),
+            Some("{shop}:dlq")
+        );
+        assert_eq!(colocated_dlq("a{}b").as_deref(), None);
+        assert_eq!(colocated_dlq("x}y").as_deref(), None);
     }
 }
 
