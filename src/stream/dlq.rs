@@ -86,21 +86,6 @@ fn colocated_dlq(stream: &str) -> Option<String> {
     (slot(candidate.as_bytes()) == slot(stream.as_bytes())).then_some(candidate)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn colocated_dlq_names() {
-        use super::colocated_dlq;
-        assert_eq!(colocated_dlq("orders").as_deref(), Some("{orders}:dlq"));
-        assert_eq!(
-            colocated_dlq("{shop}.orders").as_deref(),
-            Some("{shop}:dlq")
-        );
-        assert_eq!(colocated_dlq("a{}b").as_deref(), None);
-        assert_eq!(colocated_dlq("x}y").as_deref(), None);
-    }
-}
-
 /// Dead-letters `entry`, retrying through Redis outages until it is written or `give_up`
 /// is cancelled (shutdown gave up waiting; the entry then stays pending and is
 /// dead-lettered on its next delivery, because its delivery count is past `max_attempts`).
@@ -213,5 +198,20 @@ fn settled(
             );
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn colocated_dlq_names() {
+        use super::colocated_dlq;
+        assert_eq!(colocated_dlq("orders").as_deref(), Some("{orders}:dlq"));
+        assert_eq!(
+            colocated_dlq("{shop}.orders").as_deref(),
+            Some("{shop}:dlq")
+        );
+        assert_eq!(colocated_dlq("a{}b").as_deref(), None);
+        assert_eq!(colocated_dlq("x}y").as_deref(), None);
     }
 }
