@@ -259,13 +259,21 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Short recovery settings for the streams of these tests; `dlq_exit_codes = [3]`.
 pub const TOPO_FAST: &str = "block = \"500ms\"\nclaim_interval = \"1s\"\nclaim_idle = \"3s\"\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\ndlq_exit_codes = [3]";
 
-/// `[redis]` (url plus `redis_extra` lines), `[daemon]` with `consumer`, then `streams`.
-pub fn daemon_config(url: &str, redis_extra: &str, consumer: &str, streams: &str) -> String {
+/// `[redis]` (url plus `redis_extra` lines), `[daemon]` (consumer plus `daemon_extra`
+/// lines), then `streams`.
+pub fn daemon_config(
+    url: &str,
+    redis_extra: &str,
+    consumer: &str,
+    daemon_extra: &str,
+    streams: &str,
+) -> String {
     format!(
-        "[redis]\nurl = {}\n{}\n\n[daemon]\nconsumer = {}\nshutdown_timeout = \"10s\"\n\n{}\n",
+        "[redis]\nurl = {}\n{}\n\n[daemon]\nconsumer = {}\nshutdown_timeout = \"10s\"\n{}\n\n{}\n",
         toml_str(url),
         redis_extra,
         toml_str(consumer),
+        daemon_extra,
         streams
     )
 }
