@@ -101,6 +101,10 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             // A stream name that points at a key of another type: the config is wrong for
             // this Redis, and restarting would fail the same way.
+            Err(DaemonError::Redis(error)) if error.is_config() => {
+                tracing::error!(%error, "cannot use the [redis] settings");
+                ExitCode::from(EX_CONFIG)
+            }
             Err(DaemonError::Redis(error)) if error.is_wrongtype() => {
                 tracing::error!(%error, "a configured stream name is a key of another type");
                 ExitCode::from(EX_CONFIG)

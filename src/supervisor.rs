@@ -55,6 +55,7 @@ struct Running {
 
 struct Daemon {
     config: Config,
+    connector: redis::Connector,
     commands: Client,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
@@ -101,7 +102,11 @@ pub async fn run(
     }
     notify::spawn_watchdog(liveness.clone(), exiting.clone());
 
-    let commands = match redis::connect(&config.redis, shutdown.stop_token()).await {
+    let connector = redis::Connector::new(&config.redis, metrics.clone(), &exiting)?;
+    let commands = match connector
+        .connect(redis::Role::Commands, shutdown.stop_token())
+        .await
+    {
         Ok(client) => client,
         Err(RedisError::Stopped) => return Ok(()),
         Err(e) => return Err(e.into()),
@@ -119,6 +124,7 @@ pub async fn run(
 
     let mut daemon = Daemon {
         config,
+        connector,
         commands,
         shutdown,
         metrics,
@@ -188,7 +194,7 @@ impl Daemon {
         prepared: Option<mpsc::UnboundedSender<Result<(), RedisError>>>,
     ) -> Running {
         let stop = self.shutdown.child();
-        let redis_cfg = self.config.redis.clone();
+        let connector = self.connector.clone();
         let consumer = self.config.daemon.consumer.clone();
         let commands = self.commands.clone();
         let hooks = LoopHooks {
@@ -210,7 +216,10 @@ impl Daemon {
                     let _ = tx.send(result);
                 }
             };
-            let reader = match redis::connect(&redis_cfg, task_stop.stop_token()).await {
+            let reader = match connector
+                .connect(redis::Role::Reader, task_stop.stop_token())
+                .await
+            {
                 Ok(client) => client,
                 Err(RedisError::Stopped) => return report(Ok(())),
                 Err(error) => return report(Err(error)),
@@ -263,10 +272,7 @@ impl Daemon {
                 return;
             }
         };
-        if new.redis.url != self.config.redis.url
-            || new.redis.connect_timeout != self.config.redis.connect_timeout
-            || new.daemon.consumer != self.config.daemon.consumer
-        {
+        if new.redis != self.config.redis || new.daemon.consumer != self.config.daemon.consumer {
             tracing::warn!(
                 "[redis] and [daemon] consumer changes take effect on restart only; applying the rest"
             );

@@ -1,0 +1,422 @@
+//! Connecting fred clients, and watching their connections.
+//!
+//! Two kinds of client exist ([`Role`]): one *reader* per stream, which spends its life
+//! inside `XREADGROUP BLOCK` (fred queues any other command sent on a client that is
+//! blocked, so a shared one would stall acks for up to `block`), and one shared *commands*
+//! client for acks, claims and dead-letter writes. Each is a fred client of the URL's kind:
+//! in a Redis Cluster it has a connection to every primary (and one back channel) and
+//! sends each command to the node owning its key, following `MOVED`/`ASK`; behind
+//! Sentinel it asks the sentinels for the primary at every (re)connect.
+//!
+//! Failover handling, all in fred's reconnect machinery: a reply that means "this node is
+//! no longer the primary" (`READONLY`, `MASTERDOWN`, `LOADING`, `CLUSTERDOWN`, and the
+//! `UNBLOCKED force unblock` a blocked read gets when its node is demoted) closes the
+//! connection, and the command is sent again after the reconnect, which in Sentinel
+//! mode asks the sentinels for the primary again and in Cluster mode refreshes the slot
+//! map. Sentinel's `+switch-master` announcements make every client reconnect at once
+//! (see [`super::failover`]): the demoted primary stays writable for seconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::{
+    Builder, Client, ClientLike, Config as FredConfig, EventInterface, ReconnectPolicy,
+};
+use fred::types::config::{ReconnectError, TlsConfig, TlsHostMapping, UnresponsiveConfig};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::url::{Deployment, Target};
+use super::{RedisError, failover, tls, url};
+use crate::backoff::Backoff;
+use crate::config::RedisConfig;
+use crate::ops::metrics::Metrics;
+
+/// Reconnect delays: 100 ms doubling to this, forever. Short, because after a failover
+/// the new primary is usually there within seconds.
+const RECONNECT_MAX_DELAY_MS: u32 = 2_000;
+/// TCP connect + TLS handshake, and the commands fred sends itself (AUTH, SELECT, ROLE,
+/// CLUSTER SLOTS): a node that accepts but does not answer (frozen) is given up on
+/// after this and the next one tried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A commands connection whose oldest command has waited this long for its reply is
+/// treated as dead (reconnect, command sent again). Never applies to a blocked read.
+const COMMANDS_UNRESPONSIVE: Duration = Duration::from_secs(10);
+
+/// What a client is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The shared client for everything but blocking reads.
+    Commands,
+    /// One stream's blocking reads.
+    Reader,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Commands => "commands",
+            Role::Reader => "reader",
+        }
+    }
+}
+
+/// Makes the daemon's clients for one `[redis]` config. Cheap to clone.
+#[derive(Clone)]
+pub struct Connector {
+    cfg: RedisConfig,
+    fred: FredConfig,
+    deployment: Deployment,
+    metrics: Arc<Metrics>,
+    /// Sentinel mode: bumped on every `+switch-master` of our primary.
+    switches: Option<watch::Receiver<u64>>,
+}
+
+impl Connector {
+    /// Parses the URL and TLS files again (config validation checked them: an error here
+    /// means a file changed since) and, behind Sentinel, starts listening to the sentinels'
+    /// `+switch-master` until `stop`.
+    pub fn new(
+        cfg: &RedisConfig,
+        metrics: Arc<Metrics>,
+        stop: &CancellationToken,
+    ) -> Result<Connector, RedisError> {
+        let target = url::parse(&cfg.url).map_err(RedisError::Url)?;
+        let fred = fred_config(&target, cfg)?;
+        let switches = match (&target.service_name, target.deployment) {
+            (Some(service), Deployment::Sentinel) => Some(failover::watch_switches(
+                &fred,
+                service.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )),
+            _ => None,
+        };
+        Ok(Connector {
+            cfg: cfg.clone(),
+            fred,
+            deployment: target.deployment,
+            metrics,
+            switches,
+        })
+    }
+
+    pub fn deployment(&self) -> Deployment {
+        self.deployment
+    }
+
+    /// Connects a new client, retrying with backoff until it works, `connect_timeout`
+    /// passes or `stop` is cancelled. Once connected, the client reconnects by itself
+    /// forever, and commands sent meanwhile wait for the connection to come back.
+    pub async fn connect(
+        &self,
+        role: Role,
+        stop: &CancellationToken,
+    ) -> Result<Client, RedisError> {
+        let started = Instant::now();
+        let mut backoff = Backoff::redis();
+        loop {
+            let client = self.build(role)?;
+            let attempt = tokio::select! {
+                r = client.init() => r,
+                _ = stop.cancelled() => return Err(RedisError::Stopped),
+            };
+            let error = match attempt {
+                Ok(_handle) => {
+                    self.follow(&client, role);
+                    return Ok(client);
+                }
+                Err(e) => RedisError::connect(e),
+            };
+            let waited = started.elapsed();
+            // Never sleep past connect_timeout: the last wait is cut to what is left.
+            let left = self
+                .cfg
+                .connect_timeout
+                .map(|limit| limit.saturating_sub(waited));
+            if left.is_some_and(|left| left.is_zero()) {
+                return Err(RedisError::ConnectTimeout {
+                    waited,
+                    last: error.to_string(),
+                });
+            }
+            let delay = backoff.fail();
+            let delay = left.map_or(delay, |left| delay.min(left));
+            tracing::warn!(
+                redis = %self.cfg.redacted_url(),
+                role = role.as_str(),
+                %error,
+                retry_in = ?delay,
+                "redis unreachable, retrying"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return Err(RedisError::Stopped),
+            }
+        }
+    }
+
+    fn build(&self, role: Role) -> Result<Client, RedisError> {
+        let client = Builder::from_config(self.fred.clone())
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                100,
+                RECONNECT_MAX_DELAY_MS,
+                2,
+            ))
+            // Each client's event channels are allocated up front; we listen to two,
+            // and a lagged receiver is handled. With one client per stream this is
+            // most of an idle daemon's per-stream memory.
+            .with_performance_config(|perf| perf.broadcast_channel_capacity = 4)
+            .with_connection_config(|conn| {
+                conn.connection_timeout = SETUP_TIMEOUT;
+                conn.internal_command_timeout = SETUP_TIMEOUT;
+                conn.reconnect_errors = vec![
+                    ReconnectError::ReadOnly,
+                    ReconnectError::MasterDown,
+                    ReconnectError::Loading,
+                    ReconnectError::ClusterDown,
+                    ReconnectError::Custom("UNBLOCKED force unblock"),
+                ];
+                if role == Role::Commands {
+                    conn.unresponsive = UnresponsiveConfig {
+                        max_timeout: Some(COMMANDS_UNRESPONSIVE),
+                        interval: Duration::from_secs(1),
+                    };
+                }
+            })
+            .build()?;
+        Ok(client)
+    }
+
+    /// Behind Sentinel: reconnect `client` (asking the sentinels for the primary) at every
+    /// `+switch-master`, until the client is closed. The commands client also keeps the
+    /// primary gauge up to date.
+    fn follow(&self, client: &Client, role: Role) {
+        if self.deployment == Deployment::Cluster && role == Role::Commands {
+            failover::count_cluster_changes(client, self.metrics.clone());
+        }
+        let Some(mut switches) = self.switches.clone() else {
+            return;
+        };
+        if role == Role::Commands {
+            failover::track_primary(client, self.metrics.clone());
+        }
+        let client = client.clone();
+        // Ends when the client is closed: quit() closes its event channels.
+        let mut closed = client.reconnect_rx();
+        switches.mark_unchanged();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    changed = switches.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        tracing::info!(role = role.as_str(), "sentinels announced a new primary; reconnecting");
+                        if let Err(error) = client.force_reconnection().await {
+                            tracing::warn!(role = role.as_str(), %error, "reconnecting to the new primary failed; retrying");
+                        }
+                    }
+                    event = closed.recv() => {
+                        if matches!(event, Err(RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// fred's configuration for `target`, with TLS set up from the `[redis]` TLS files.
+fn fred_config(target: &Target, cfg: &RedisConfig) -> Result<FredConfig, RedisError> {
+    let mut fred = target.fred.clone();
+    if target.tls {
+        let rustls = tls::client_config(&cfg.tls).map_err(RedisError::Tls)?;
+        fred.tls = Some(TlsConfig {
+            connector: rustls.into(),
+            // Verify each node by the address it is reached at (the cluster's announced
+            // addresses, the sentinels' view of the primary).
+            hostnames: TlsHostMapping::None,
+        });
+    }
+    Ok(fred)
+}
+
+/// Logs connection loss and recovery of `client` until it is closed, and tells
+/// `on_change` (false: lost, true: connected again), e.g. for health and metrics.
+pub fn watch_connection(
+    client: &Client,
+    role: &'static str,
+    on_change: impl Fn(bool) + Send + 'static,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut errors = client.error_rx();
+    let mut reconnects = client.reconnect_rx();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                e = errors.recv() => match e {
+                    Ok((error, server)) => {
+                        let error = RedisError::connect(error);
+                        let node = server.map(|s| s.to_string()).unwrap_or_default();
+                        tracing::warn!(role, %error, node, "redis connection lost");
+                        on_change(false);
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+                r = reconnects.recv() => match r {
+                    Ok(server) => {
+                        tracing::info!(role, node = %server, "redis connection restored");
+                        on_change(true);
+                    }
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command, Stdio};
+
+    use fred::prelude::KeysInterface;
+
+    use super::*;
+    use crate::redis::tls::TlsFiles;
+    use crate::redis::tls::test_pki::{self, Pki};
+
+    /// A redis-server killed on drop.
+    struct Server {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
+
+    /// redis-server with TLS only, on a free port, ready when this returns.
+    fn start_tls(pki: &Pki, auth_clients: bool) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&pki.server_cert)
+            .arg("--tls-key-file")
+            .arg(&pki.server_key)
+            .arg("--tls-ca-cert-file")
+            .arg(&pki.ca)
+            .args([
+                "--tls-auth-clients",
+                if auth_clients { "yes" } else { "no" },
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "TLS redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn config(url: String, tls: TlsFiles) -> RedisConfig {
+        RedisConfig {
+            url,
+            connect_timeout: Some(Duration::from_secs(2)),
+            tls,
+        }
+    }
+
+    async fn try_connect(cfg: &RedisConfig) -> Result<(), RedisError> {
+        let stop = CancellationToken::new();
+        let connector = Connector::new(cfg, Metrics::new(), &stop)?;
+        let client = connector.connect(Role::Commands, &stop).await?;
+        let _: () = client.set("k", "v", None, None, false).await?;
+        let _ = client.quit().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_private_ca_and_client_certificates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = test_pki::make(dir.path());
+        let other = tempfile::tempdir().expect("tempdir");
+        let other_pki = test_pki::make(other.path());
+        let ca_only = TlsFiles {
+            ca_file: Some(pki.ca.clone()),
+            ..TlsFiles::default()
+        };
+        let with_client = TlsFiles {
+            cert_file: Some(pki.client_cert.clone()),
+            key_file: Some(pki.client_key.clone()),
+            ..ca_only.clone()
+        };
+
+        let open = start_tls(&pki, false);
+        let url = format!("rediss://127.0.0.1:{}", open.port);
+        try_connect(&config(url.clone(), ca_only.clone()))
+            .await
+            .expect("CA file only, server without client authentication");
+        let wrong_ca = TlsFiles {
+            ca_file: Some(other_pki.ca.clone()),
+            ..TlsFiles::default()
+        };
+        let error = try_connect(&config(url, wrong_ca))
+            .await
+            .expect_err("server certificate from another CA");
+        assert!(error.to_string().contains("did not verify"), "{error}");
+
+        let strict = start_tls(&pki, true);
+        let url = format!("rediss://127.0.0.1:{}", strict.port);
+        try_connect(&config(url.clone(), with_client))
+            .await
+            .expect("client certificate");
+        let error = try_connect(&config(url.clone(), ca_only))
+            .await
+            .expect_err("no client certificate");
+        assert!(
+            error.to_string().contains("requires a client certificate"),
+            "{error}"
+        );
+        let foreign_client = TlsFiles {
+            ca_file: Some(pki.ca.clone()),
+            cert_file: Some(other_pki.client_cert.clone()),
+            key_file: Some(other_pki.client_key.clone()),
+        };
+        let error = try_connect(&config(url, foreign_client))
+            .await
+            .expect_err("client certificate from another CA");
+        assert!(
+            error.to_string().contains("refused the connection"),
+            "{error}"
+        );
+    }
+}
