@@ -24,6 +24,9 @@ use topology::cluster::Cluster;
 use topology::*;
 
 const GROUP: &str = "g";
+/// Handler work for the disruption tests: 300 entries per stream take a few seconds at
+/// `max_block_read = 4`, so the disruption comes while entries are being handled.
+const SLOW: &str = "sleep 0.05";
 
 /// One stream name per primary (in the cluster's slot order), `{<prefix>-<i>}` for the
 /// first `i` whose slot that primary owns; the hash tag puts `<name>:dlq` in the same slot.
@@ -68,9 +71,10 @@ impl Run {
         names: &[String],
         consumers: &[&str],
         stream_extra: &str,
+        work_sh: &str,
     ) -> Run {
         let work = workdir();
-        let (done, script) = recording_handler(work.path(), "");
+        let (done, script) = recording_handler(work.path(), work_sh);
         let streams: String = names
             .iter()
             .map(|n| topo_stream(n, GROUP, &script, stream_extra))
@@ -124,9 +128,15 @@ impl Run {
         wait_complete(&self.c, &self.watched, GROUP, &self.done, &self.pushed, &ds).await;
     }
 
-    /// Waits for at least `n` successful handler runs.
+    /// Waits for at least `n` successful handler runs, and checks that work is left: the
+    /// disruption that follows comes in the middle of the run.
     async fn wait_progress(&self, n: usize) {
         wait_done_at_least(&self.done, n, &self.daemon_refs()).await;
+        let pushed: usize = self.pushed.values().map(Vec::len).sum();
+        assert!(
+            done_count(&self.done) < pushed * 99 / 100,
+            "run already over"
+        );
     }
 
     fn assert_running(&mut self) {
@@ -143,7 +153,7 @@ impl Run {
 async fn cluster_3000_entries_two_daemons_each_acked_once_or_dead_lettered() {
     let mut cluster = blocking(Cluster::start);
     let names = one_stream_per_primary(&mut cluster, "jobs");
-    let mut run = Run::start(cluster, &names, &["d1", "d2"], "max_block_read = 8").await;
+    let mut run = Run::start(cluster, &names, &["d1", "d2"], "max_block_read = 8", "").await;
     run.push(0, 1000).await;
     run.wait_complete().await;
 
@@ -182,7 +192,7 @@ impl Run {
 async fn cluster_manual_failover_mid_run() {
     let mut cluster = blocking(Cluster::start);
     let names = one_stream_per_primary(&mut cluster, "mf");
-    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4").await;
+    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4", SLOW).await;
     run.push(0, 300).await;
     run.wait_progress(100).await;
 
@@ -203,7 +213,7 @@ async fn cluster_manual_failover_mid_run() {
 async fn cluster_kill9_primary_mid_run() {
     let mut cluster = blocking(Cluster::start);
     let names = one_stream_per_primary(&mut cluster, "k9");
-    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4").await;
+    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4", SLOW).await;
     run.push(0, 300).await;
     // The pushed entries are on the replicas before the crash (acks may not be).
     blocking(|| run.cluster.wait_in_sync());
@@ -224,7 +234,7 @@ async fn cluster_kill9_primary_mid_run() {
 async fn cluster_slot_migration_mid_run() {
     let mut cluster = blocking(Cluster::start);
     let names = one_stream_per_primary(&mut cluster, "mig");
-    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4").await;
+    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4", SLOW).await;
     run.push(0, 300).await;
     run.wait_progress(100).await;
 
@@ -258,7 +268,7 @@ async fn cluster_dlq_same_slot_atomic_and_cross_slot_warned_once() {
     let (pay, pay_dlq) = (slot("payments"), slot("payments:dlq"));
     assert_ne!(pay, pay_dlq);
 
-    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4").await;
+    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4", SLOW).await;
     // 200 entries each, every 100th poison: 2 dead-lettered per stream.
     run.push(0, 200).await;
     run.wait_complete().await;

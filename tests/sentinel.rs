@@ -40,7 +40,8 @@ impl Run {
     async fn start(level: &str) -> Run {
         let set = blocking(SentinelSet::start);
         let work = workdir();
-        let (done, script) = recording_handler(work.path(), "");
+        // 300 entries take a few seconds: the failover comes while entries are handled.
+        let (done, script) = recording_handler(work.path(), "sleep 0.05");
         let metrics_port = free_port();
         let cfg = daemon_config(
             &set.url(),
@@ -68,6 +69,16 @@ impl Run {
             })
             .await;
         run
+    }
+
+    /// Waits until 100 entries ran, and checks that work is left.
+    async fn wait_progress(&self) {
+        wait_done_at_least(&self.done, 100, &[&self.d]).await;
+        let pushed: usize = self.pushed.values().map(Vec::len).sum();
+        assert!(
+            done_count(&self.done) < pushed * 99 / 100,
+            "run already over"
+        );
     }
 
     /// A client of the current primary.
@@ -125,7 +136,7 @@ impl Run {
 async fn sentinel_failover_mid_run() {
     let mut run = Run::start("debug").await;
     run.push(0, 300).await;
-    wait_done_at_least(&run.done, 100, &[&run.d]).await;
+    run.wait_progress().await;
 
     let (old, new) = blocking(|| run.set.failover());
     assert_ne!(old, new);
@@ -139,7 +150,7 @@ async fn sentinel_kill9_primary_mid_run() {
     let mut run = Run::start("debug").await;
     run.push(0, 300).await;
     blocking(|| run.set.wait_in_sync());
-    wait_done_at_least(&run.done, 100, &[&run.d]).await;
+    run.wait_progress().await;
 
     let old = blocking(|| run.set.primary());
     run.set.server_mut(old).kill9();
@@ -159,7 +170,7 @@ async fn sentinel_frozen_primary_continued_as_replica() {
     let mut run = Run::start("debug").await;
     run.push(0, 300).await;
     blocking(|| run.set.wait_in_sync());
-    wait_done_at_least(&run.done, 100, &[&run.d]).await;
+    run.wait_progress().await;
 
     let old = blocking(|| run.set.primary());
     run.set.server(old).freeze();
@@ -184,6 +195,7 @@ async fn sentinel_frozen_primary_continued_as_replica() {
     // No retry loop against the demoted node: a later batch goes through without a single
     // new READONLY line.
     let readonly_before = log_lines_with(&run.d, "READONLY").len();
+    eprintln!("READONLY lines in the log while the failover settled: {readonly_before}");
     run.push(400, 450).await;
     run.wait_complete().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
