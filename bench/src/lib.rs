@@ -10,6 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fred::prelude::*;
 use fred::types::config::Config as FredConfig;
 
+pub mod cluster;
+
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -38,6 +40,11 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts redis-server (from PATH, or `REDIS_SERVER`) with its files in `dir`.
     pub fn start(dir: &Path) -> Result<RedisServer> {
+        RedisServer::start_with(dir, |_| Vec::new())
+    }
+
+    /// [`RedisServer::start`] with more arguments, made for the port it gets.
+    pub fn start_with(dir: &Path, extra: impl Fn(u16) -> Vec<String>) -> Result<RedisServer> {
         let program = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         std::fs::create_dir_all(dir)?;
         let mut last_error = String::new();
@@ -50,6 +57,7 @@ impl RedisServer {
                 .args(["--protected-mode", "no"])
                 .arg("--dir")
                 .arg(dir)
+                .args(extra(port))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
