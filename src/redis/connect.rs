@@ -43,6 +43,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// treated as dead (reconnect, command sent again). Never applies to a blocked read.
 const COMMANDS_UNRESPONSIVE: Duration = Duration::from_secs(10);
 
+/// The same connection error again within this long is not logged again.
+const REPEATED_ERROR: Duration = Duration::from_secs(1);
 /// A router that ran this long before it ended restarts after the shortest delay.
 const ROUTER_STABLE: Duration = Duration::from_secs(30);
 
@@ -320,13 +322,23 @@ pub fn watch_connection(
     let mut errors = client.error_rx();
     let mut reconnects = client.reconnect_rx();
     tokio::spawn(async move {
+        // fred reports an error that closes a connection twice (as the reply, then as the
+        // connection's end): one log line is enough.
+        let mut last: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
                 e = errors.recv() => match e {
                     Ok((error, server)) => {
                         let error = RedisError::connect(error);
                         let node = server.map(|s| s.to_string()).unwrap_or_default();
-                        tracing::warn!(role, %error, node, "redis connection lost");
+                        let text = format!("{node} {error}");
+                        let repeated = last.as_ref().is_some_and(|(previous, at)| {
+                            *previous == text && at.elapsed() < REPEATED_ERROR
+                        });
+                        if !repeated {
+                            tracing::warn!(role, %error, node, "redis connection lost");
+                        }
+                        last = Some((text, Instant::now()));
                         on_change(false);
                     }
                     Err(RecvError::Lagged(_)) => {}
