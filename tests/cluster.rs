@@ -55,6 +55,8 @@ fn one_stream_per_primary(cluster: &mut Cluster, prefix: &str) -> Vec<String> {
 /// pushed. Daemons are dropped (killed) before the cluster.
 struct Run {
     daemons: Vec<Daemon>,
+    /// `/metrics` port of each daemon.
+    metrics: Vec<u16>,
     c: TestClient,
     cluster: Cluster,
     watched: Vec<Watched>,
@@ -80,10 +82,13 @@ impl Run {
             .map(|n| topo_stream(n, GROUP, &script, stream_extra))
             .collect();
         let url = cluster.url();
+        let metrics: Vec<u16> = consumers.iter().map(|_| free_port()).collect();
         let daemons: Vec<Daemon> = consumers
             .iter()
-            .map(|consumer| {
-                let cfg = daemon_config(&url, "", consumer, "", &streams);
+            .zip(&metrics)
+            .map(|(consumer, port)| {
+                let listen = format!("metrics_listen = \"127.0.0.1:{port}\"");
+                let cfg = daemon_config(&url, "", consumer, &listen, &streams);
                 Daemon::start_with(&cfg, &["--log-level", "info"], &[])
             })
             .collect();
@@ -101,6 +106,7 @@ impl Run {
         }
         Run {
             daemons,
+            metrics,
             c,
             cluster,
             watched: names.iter().map(|n| Watched::new(n)).collect(),
@@ -137,6 +143,16 @@ impl Run {
             done_count(&self.done) < pushed * 99 / 100,
             "run already over"
         );
+    }
+
+    /// Every daemon counted the change of primaries.
+    async fn assert_failover_counted(&self) {
+        for (d, &port) in self.daemons.iter().zip(&self.metrics) {
+            wait_metrics(d, port, "failover counted", |m| {
+                metric_sum(m, "redis_streamd_redis_failovers_total") >= 1.0
+            })
+            .await;
+        }
     }
 
     fn assert_running(&mut self) {
@@ -203,6 +219,7 @@ async fn cluster_manual_failover_mid_run() {
 
     run.push(300, 400).await;
     run.wait_complete().await;
+    run.assert_failover_counted().await;
     run.assert_running();
 }
 
@@ -225,6 +242,7 @@ async fn cluster_kill9_primary_mid_run() {
 
     run.push(300, 400).await;
     run.wait_complete().await;
+    run.assert_failover_counted().await;
     run.assert_running();
 }
 

@@ -639,6 +639,23 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Waits until the daemon's `/metrics` on `port` satisfy `cond` (scrape text).
+pub async fn wait_metrics(d: &Daemon, port: u16, what: &str, cond: impl Fn(&str) -> bool) {
+    let cond = &cond;
+    d.wait_until(LONG, what, || async move {
+        http_get(port, "/metrics").is_some_and(|(status, scrape)| status == 200 && cond(&scrape))
+    })
+    .await;
+}
+
+/// True when `redis_streamd_redis_primary` is 1 for `127.0.0.1:<port>`.
+pub fn primary_gauge_is(scrape: &str, port: u16) -> bool {
+    let label = format!("address=\"127.0.0.1:{port}\"");
+    scrape.lines().any(|l| {
+        l.starts_with("redis_streamd_redis_primary{") && l.contains(&label) && l.ends_with(" 1")
+    })
+}
+
 /// Sum of every sample of `metric` (any labels) in a Prometheus text scrape.
 pub fn metric_sum(scrape: &str, metric: &str) -> f64 {
     scrape
