@@ -192,11 +192,11 @@ async fn sentinel_frozen_primary_continued_as_replica() {
     run.wait_progress().await;
 
     let old = blocking(|| run.set.primary());
-    run.set.server(old).freeze();
+    run.set.server_mut(old).freeze();
     let new = blocking(|| run.set.wait_new_primary(old));
     // Frozen past the failover timeout, as in the issue, then continued.
     tokio::time::sleep(Duration::from_millis(FAILOVER_TIMEOUT_MS + 1000)).await;
-    run.set.server(old).thaw();
+    run.set.server_mut(old).thaw();
     run.push(300, 400).await;
 
     let set = &run.set;

@@ -44,6 +44,7 @@ pub struct Node {
     log_path: PathBuf,
     pid: u32,
     child: Option<Child>,
+    frozen: bool,
 }
 
 impl Node {
@@ -75,6 +76,7 @@ impl Node {
                         log_path,
                         pid: child.id(),
                         child: Some(child),
+                        frozen: false,
                     };
                 }
                 Err((true, msg)) => last = msg,
@@ -136,17 +138,24 @@ impl Node {
     }
 
     /// `kill -STOP`: the process stays, its sockets stay open, nothing answers.
-    pub fn freeze(&self) {
+    pub fn freeze(&mut self) {
         if self.child.is_some() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGSTOP);
+            self.frozen = true;
         }
     }
 
     /// `kill -CONT` after [`Node::freeze`].
-    pub fn thaw(&self) {
+    pub fn thaw(&mut self) {
         if self.child.is_some() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGCONT);
+            self.frozen = false;
         }
+    }
+
+    /// Frozen with [`Node::freeze`] and not thawed yet.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// `ROLE`'s first element (`master`, `slave`, `sentinel`), None when it does not answer.
