@@ -1,24 +1,14 @@
 //! `redis-streamd --config FILE`: parse the command line, load the config, run the daemon,
-//! and turn the outcome into an exit code.
+//! and turn the outcome into an exit code (see [`Error::exit_code`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use redis_streamd::config::{Config, REDIS_URL_ENV};
+use redis_streamd::app;
+use redis_streamd::config::{Config, Overrides};
+use redis_streamd::error::Error;
 use redis_streamd::ops::logging::{self, LogFormat};
-use redis_streamd::ops::shutdown::Shutdown;
-use redis_streamd::ops::{reaper, signals};
-use redis_streamd::redis::RedisError;
-use redis_streamd::supervisor::{self, DaemonError};
-use tokio_util::sync::CancellationToken;
-
-/// sysexits.h: a configuration error. systemd units use it with RestartPreventExitStatus.
-const EX_CONFIG: u8 = 78;
-/// sysexits.h: a service we need (Redis) is unavailable.
-const EX_UNAVAILABLE: u8 = 69;
-/// sysexits.h: an internal error.
-const EX_SOFTWARE: u8 = 70;
 
 /// Turns Redis Streams into work for ordinary programs: one consume loop per stream,
 /// one handler process per entry, acked on exit 0, retried and dead-lettered on failure.
@@ -26,8 +16,14 @@ const EX_SOFTWARE: u8 = 70;
 #[command(version, about)]
 struct Cli {
     /// The TOML config file.
-    #[arg(short, long, env = "REDIS_STREAMD_CONFIG", value_name = "FILE")]
-    config: PathBuf,
+    #[arg(
+        short,
+        long,
+        env = "REDIS_STREAMD_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    config: Option<PathBuf>,
 
     /// Validate the config, print a summary of the streams and exit (0, or 78 when invalid)
     /// without connecting to Redis.
@@ -39,88 +35,55 @@ struct Cli {
         long,
         value_enum,
         default_value = "text",
-        env = "REDIS_STREAMD_LOG_FORMAT"
+        env = "REDIS_STREAMD_LOG_FORMAT",
+        global = true
     )]
     log_format: LogFormat,
 
     /// Log filter, e.g. `info`, `debug`, `warn,redis_streamd=debug`. Default: RUST_LOG, or info.
-    #[arg(long, env = "REDIS_STREAMD_LOG_LEVEL")]
+    #[arg(long, env = "REDIS_STREAMD_LOG_LEVEL", global = true)]
     log_level: Option<String>,
+
+    /// Operator commands; without one, run the daemon.
+    #[command(subcommand)]
+    command: Option<redis_streamd::admin::Command>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config, std::env::var(REDIS_URL_ENV).ok()) {
+    let Some(config_path) = cli.config.as_deref() else {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config FILE (or REDIS_STREAMD_CONFIG) is required",
+            )
+            .exit()
+    };
+    if let Some(command) = cli.command {
+        let level = cli.log_level.as_deref();
+        return redis_streamd::admin::run(command, config_path, cli.log_format, level);
+    }
+    let config = match Config::load(config_path, &Overrides::from_process()) {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("redis-streamd: config error: {error}");
-            return ExitCode::from(EX_CONFIG);
-        }
+        Err(error) => return exit(error.into()),
     };
     if cli.check {
         println!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
+    // Held until the end of main, so the last lines (the error too) are written.
     let _log_guard = match logging::init(cli.log_format, cli.log_level.as_deref()) {
         Ok(guard) => guard,
-        Err(error) => {
-            eprintln!("redis-streamd: {error}");
-            return ExitCode::from(EX_CONFIG);
-        }
+        Err(error) => return exit(error.into()),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!(%error, "cannot start the async runtime");
-            return ExitCode::from(EX_SOFTWARE);
-        }
-    };
-    runtime.block_on(async {
-        let shutdown = Shutdown::new();
-        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
-        let listening =
-            signals::listen(shutdown.clone(), config.daemon.shutdown_timeout, reload_tx);
-        if let Err(error) = listening {
-            tracing::error!(%error, "cannot install signal handlers");
-            return ExitCode::from(EX_SOFTWARE);
-        }
-        // Orphans of handlers (double forks) become ours and are reaped, so a container
-        // with the daemon as PID 1 does not fill up with zombies.
-        if let Err(error) = reaper::become_subreaper() {
-            tracing::warn!(%error, "cannot become a child subreaper; orphaned handler descendants go to init");
-        }
-        let reaper_stop = CancellationToken::new();
-        let reaper_task = reaper::spawn_reaper(reaper_stop.clone());
-        let result = supervisor::run(config, shutdown, reload_rx).await;
-        reaper_stop.cancel();
-        let _ = reaper_task.await;
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            // A stream name that points at a key of another type: the config is wrong for
-            // this Redis, and restarting would fail the same way.
-            Err(DaemonError::Redis(error)) if error.is_config() => {
-                tracing::error!(%error, "cannot use the [redis] settings");
-                ExitCode::from(EX_CONFIG)
-            }
-            Err(DaemonError::Redis(error)) if error.is_wrongtype() => {
-                tracing::error!(%error, "a configured stream name is a key of another type");
-                ExitCode::from(EX_CONFIG)
-            }
-            Err(DaemonError::Redis(error @ RedisError::ConnectTimeout { .. })) => {
-                tracing::error!(%error, "giving up");
-                ExitCode::from(EX_UNAVAILABLE)
-            }
-            Err(error @ DaemonError::MetricsListen { .. }) => {
-                tracing::error!(%error, "cannot start");
-                ExitCode::from(EX_UNAVAILABLE)
-            }
-            Err(error) => {
-                tracing::error!(%error, "fatal");
-                ExitCode::from(EX_SOFTWARE)
-            }
-        }
-    })
+    match app::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => exit(error),
+    }
+}
+
+fn exit(error: Error) -> ExitCode {
+    error.report();
+    ExitCode::from(error.exit_code())
 }

@@ -14,11 +14,13 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, REDIS_URL_ENV, StreamConfig};
+use crate::config::{Config, Overrides, StreamConfig};
+use crate::exec::KILL_GRACE;
 use crate::ops::metrics::{self, Health, Metrics};
 use crate::ops::notify::{self, Liveness};
 use crate::ops::shutdown::Shutdown;
 use crate::redis::{self, RedisError};
+use crate::stream::upkeep::FINAL_FLUSH;
 use crate::stream::{LoopHooks, StreamLoop};
 
 /// How often the systemd status line (in-flight and settled counts) is refreshed.
@@ -88,17 +90,7 @@ pub async fn run(
     let exiting = CancellationToken::new();
     let _exit_guard = exiting.clone().drop_guard();
     if let Some(addr) = config.daemon.metrics_listen {
-        // Bound before connecting to Redis: a port clash is a start-up error, at once.
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::MetricsListen { addr, source })?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics.clone(),
-            health.clone(),
-            exiting.clone(),
-        ));
+        serve_metrics(addr, &metrics, &health, &exiting).await?;
     }
     notify::spawn_watchdog(liveness.clone(), exiting.clone());
 
@@ -133,34 +125,7 @@ pub async fn run(
         loops: HashMap::new(),
         retiring: JoinSet::new(),
     };
-    let (prepared_tx, mut prepared_rx) = mpsc::unbounded_channel();
-    for cfg in daemon.config.streams.clone() {
-        let running = daemon.start(cfg, None, Some(prepared_tx.clone()));
-        daemon.loops.insert(key_of(&running.cfg), running);
-    }
-    drop(prepared_tx);
-    // Ready once every group exists and every loop is about to read.
-    let mut startup_error = None;
-    for _ in 0..daemon.loops.len() {
-        // `None`: a loop task ended without reporting (it panicked); its error is logged.
-        let Some(prepared) = prepared_rx.recv().await else {
-            break;
-        };
-        if let Err(error) = prepared {
-            startup_error.get_or_insert(error);
-            daemon.shutdown.abort();
-        }
-    }
-    if let Some(error) = startup_error {
-        daemon.wait_all().await;
-        return Err(error.into());
-    }
-    if !daemon.shutdown.is_stopping() {
-        tracing::info!(streams = daemon.loops.len(), "ready");
-        notify::ready().await;
-        notify::status(&format!("consuming {} streams", daemon.loops.len())).await;
-    }
-
+    daemon.start_all().await?;
     let mut status_ticks = tokio::time::interval(STATUS_INTERVAL);
     loop {
         tokio::select! {
@@ -171,20 +136,96 @@ pub async fn run(
             }
         }
     }
-    notify::stopping().await;
-    notify::status("stopping: waiting for running handlers").await;
-    daemon.wait_all().await;
-    if tokio::time::timeout(QUIT_TIMEOUT, daemon.commands.quit())
+    daemon.stop().await;
+    Ok(())
+}
+
+/// Binds the metrics listener (before connecting to Redis: a port clash is a start-up
+/// error, at once) and serves it until `exiting`.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    exiting: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let listener = TcpListener::bind(addr)
         .await
-        .is_err()
-    {
-        tracing::warn!("redis connection did not close in time");
-    }
-    tracing::info!("stopped");
+        .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(metrics::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        exiting.clone(),
+    ));
     Ok(())
 }
 
 impl Daemon {
+    /// Starts a loop per configured stream and waits until every group exists and every
+    /// loop is about to read; then tells systemd we are ready. The first loop that cannot
+    /// start (its error) stops them all.
+    async fn start_all(&mut self) -> Result<(), DaemonError> {
+        let (prepared_tx, mut prepared_rx) = mpsc::unbounded_channel();
+        for cfg in self.config.streams.clone() {
+            let running = self.start(cfg, None, Some(prepared_tx.clone()));
+            self.loops.insert(key_of(&running.cfg), running);
+        }
+        drop(prepared_tx);
+        let mut startup_error = None;
+        for _ in 0..self.loops.len() {
+            // `None`: a loop task ended without reporting (it panicked); its error is logged.
+            let Some(prepared) = prepared_rx.recv().await else {
+                break;
+            };
+            if let Err(error) = prepared {
+                startup_error.get_or_insert(error);
+                self.shutdown.abort();
+            }
+        }
+        if let Some(error) = startup_error {
+            self.wait_all().await;
+            return Err(error.into());
+        }
+        if !self.shutdown.is_stopping() {
+            tracing::info!(streams = self.loops.len(), "ready");
+            notify::ready().await;
+            notify::status(&format!("consuming {} streams", self.loops.len())).await;
+        }
+        Ok(())
+    }
+
+    /// After the stop: waits for every loop to drain, but no longer than the shutdown
+    /// budget (`shutdown_timeout`, the handlers' kill grace, the final acks' deadline).
+    /// When Redis hangs, the loops still waiting are left: their unsettled entries stay
+    /// pending and are recovered as after a crash.
+    async fn stop(mut self) {
+        notify::stopping().await;
+        notify::status("stopping: waiting for running handlers").await;
+        let budget = self.config.daemon.shutdown_timeout + KILL_GRACE + FINAL_FLUSH;
+        if tokio::time::timeout(budget, self.wait_all()).await.is_err() {
+            let left: Vec<String> = self
+                .loops
+                .values()
+                .filter(|running| !running.handle.is_finished())
+                .map(|running| running.cfg.name.clone())
+                .collect();
+            tracing::error!(
+                budget = %humantime::format_duration(budget),
+                streams = %left.join(","),
+                "shutdown budget spent (redis does not answer); exiting with those streams' unsettled entries left pending"
+            );
+            return;
+        }
+        if tokio::time::timeout(QUIT_TIMEOUT, self.commands.quit())
+            .await
+            .is_err()
+        {
+            tracing::warn!("redis connection did not close in time");
+        }
+        tracing::info!("stopped");
+    }
+
     /// Starts a loop for `cfg` in a task of its own, after `after` (the loop it replaces)
     /// has finished. `prepared` hears when its group is set up (or why it could not be).
     fn start(
@@ -232,7 +273,7 @@ impl Daemon {
             crate::stream::dlq::warn_if_split(&commands, &task_cfg.name, &task_cfg.dlq);
             let stream_loop =
                 StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop, hooks);
-            match stream_loop.prepare(&task_stop).await {
+            match stream_loop.create_group(&task_stop).await {
                 Ok(()) | Err(RedisError::Stopped) => report(Ok(())),
                 Err(error) => return report(Err(error)),
             }
@@ -258,10 +299,9 @@ impl Daemon {
     /// stream never runs more than `max_block_read` handlers).
     async fn reload(&mut self) {
         let path = self.config.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            Config::load(&path, std::env::var(REDIS_URL_ENV).ok())
-        })
-        .await;
+        let loaded =
+            tokio::task::spawn_blocking(move || Config::load(&path, &Overrides::from_process()))
+                .await;
         let new = match loaded {
             Ok(Ok(config)) => config,
             Ok(Err(error)) => {
@@ -317,11 +357,12 @@ impl Daemon {
     }
 
     async fn wait_all(&mut self) {
-        for (_, running) in self.loops.drain() {
-            if let Err(error) = running.handle.await {
+        for running in self.loops.values_mut() {
+            if let Err(error) = (&mut running.handle).await {
                 tracing::error!(stream = %running.cfg.name, %error, "a consume loop failed");
             }
         }
+        self.loops.clear();
         while self.retiring.join_next().await.is_some() {}
     }
 }

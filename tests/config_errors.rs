@@ -494,3 +494,65 @@ fn exits_before_connecting() {
         "the daemon connected to Redis before validating its config"
     );
 }
+
+/// Issue #14, item 3: counts that size processes and memory are bounded. `--check` used to
+/// accept 100000000 (over 1.5 GB before the first entry) and 2^63-1 (a panic inside the
+/// semaphore); in worker mode each is a process started at once.
+#[test]
+fn check_rejects_counts_beyond_their_limit() {
+    let fx = Fixture::new();
+    for (n, name) in [
+        ("100000000", "huge.toml"),
+        ("9223372036854775807", "max.toml"),
+    ] {
+        let text = fx
+            .valid()
+            .replace("max_block_read = 2", &format!("max_block_read = {n}"));
+        let path = fx.write(name, &text);
+        let out = run_cli(
+            &[Path::new("--config"), &path, Path::new("--check")],
+            &[],
+            MEDIUM,
+        );
+        let line = line_of(&text, "max_block_read = ");
+        check_config_error(&out, &path, &[line], &["streams[0].max_block_read"], &text);
+        assert!(out.stderr.contains("at most 10000"), "{out}");
+    }
+    let text = fx.valid().replace(
+        "max_block_read = 2",
+        "mode = \"worker\"\nmax_block_read = 5000",
+    );
+    let path = fx.write("workers.toml", &text);
+    let out = run_cli(
+        &[Path::new("--config"), &path, Path::new("--check")],
+        &[],
+        MEDIUM,
+    );
+    let line = line_of(&text, "max_block_read = 5000");
+    check_config_error(&out, &path, &[line], &["streams[0].max_block_read"], &text);
+    assert!(out.stderr.contains("at most 1024"), "{out}");
+}
+
+/// Issue #14, item 4: a dead-letter stream that the daemon also consumes makes failed
+/// entries run again, and with two streams dead-lettering to each other they went round
+/// hundreds of times a second. `--check` refuses it, naming the key and both streams.
+#[test]
+fn check_rejects_a_dlq_that_is_a_consumed_stream() {
+    let fx = Fixture::new();
+    let text = fx
+        .valid()
+        .replace("max_attempts = 3", "max_attempts = 3\ndlq = \"payments\"")
+        + "dlq = \"orders\"\n";
+    let path = fx.write("dlq-cycle.toml", &text);
+    let out = run_cli(
+        &[Path::new("--config"), &path, Path::new("--check")],
+        &[],
+        MEDIUM,
+    );
+    let line = line_of(&text, "dlq = \"payments\"");
+    check_config_error(&out, &path, &[line], &["streams[0].dlq"], &text);
+    assert!(
+        out.stderr.contains("\"orders\"") && out.stderr.contains("\"payments\""),
+        "both streams named\n{out}"
+    );
+}

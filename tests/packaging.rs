@@ -170,7 +170,93 @@ fn units_have_the_required_settings() {
     let t = service_map(&read(TEMPLATE));
     assert_eq!(t["Environment"], "REDIS_STREAMD_CONSUMER=%H-%i");
     assert_eq!(t["EnvironmentFile"], "-/etc/redis-streamd/%i.env");
-    assert_eq!(t["StateDirectory"], "redis-streamd/%i");
+    assert_eq!(t["StateDirectory"], "redis-streamd-%i");
+}
+
+/// Descriptors for handler pipes, Redis connections and metrics connections: far more
+/// than systemd's default soft limit of 1024, the same in both units.
+#[test]
+fn units_raise_the_descriptor_limit() {
+    for path in [SERVICE, TEMPLATE] {
+        let s = service_map(&read(path));
+        let limit: u64 = s
+            .get("LimitNOFILE")
+            .unwrap_or_else(|| panic!("{path}: no LimitNOFILE="))
+            .parse()
+            .unwrap_or_else(|e| panic!("{path}: LimitNOFILE= one number expected: {e}"));
+        assert!(limit >= 16384, "{path}: LimitNOFILE={limit}");
+    }
+}
+
+/// The per-unit directories that systemd creates below /var/lib, /run, ... With
+/// `DynamicUser=yes`, `StateDirectory=NAME` is /var/lib/private/NAME plus the symlink
+/// /var/lib/NAME. If one unit's NAME were a path prefix of another's (`redis-streamd` and
+/// `redis-streamd/%i`), one would need /var/lib/redis-streamd as a symlink and the other
+/// as a real directory: whichever started second failed with 238/STATE_DIRECTORY ("File
+/// exists"). So no unit's directory may be a prefix of another's, whatever the instance
+/// names, and each unit works in its own state directory.
+#[test]
+fn units_directories_cannot_collide() {
+    let kinds = [
+        ("StateDirectory", "/var/lib"),
+        ("CacheDirectory", "/var/cache"),
+        ("LogsDirectory", "/var/log"),
+        ("RuntimeDirectory", "/run"),
+        ("ConfigurationDirectory", "/etc"),
+    ];
+    assert!(
+        service_map(&read(TEMPLATE))["StateDirectory"].contains("%i"),
+        "{TEMPLATE}: each instance needs its own state directory"
+    );
+    // The plain unit and template instances whose names look like the other units'
+    // directories as much as possible.
+    let mut units = vec![(
+        "redis-streamd.service".to_owned(),
+        service_map(&read(SERVICE)),
+    )];
+    for instance in ["orders", "orders-eu", "redis-streamd", "a"] {
+        let text = read(TEMPLATE).replace("%i", instance);
+        units.push((
+            format!("redis-streamd@{instance}.service"),
+            service_map(&text),
+        ));
+    }
+    // (unit, absolute directory) for every directory setting of every unit.
+    let mut dirs: Vec<(&str, PathBuf)> = Vec::new();
+    for (unit, s) in &units {
+        for (key, root) in kinds {
+            for name in s
+                .get(key)
+                .map(|v| v.split_whitespace())
+                .into_iter()
+                .flatten()
+            {
+                assert!(
+                    !name.is_empty() && Path::new(name).is_relative() && !name.contains(".."),
+                    "{unit}: {key}={name}"
+                );
+                dirs.push((unit, Path::new(root).join(name)));
+            }
+        }
+        let state = Path::new("/var/lib").join(&s["StateDirectory"]);
+        assert_eq!(
+            Path::new(&s["WorkingDirectory"]),
+            state,
+            "{unit}: WorkingDirectory must be the state directory"
+        );
+    }
+    for (i, (unit_a, a)) in dirs.iter().enumerate() {
+        for (unit_b, b) in &dirs[i + 1..] {
+            // Path::starts_with compares whole components: /var/lib/redis-streamd is a
+            // prefix of /var/lib/redis-streamd/orders, not of /var/lib/redis-streamd-orders.
+            assert!(
+                unit_a == unit_b || !(a.starts_with(b) || b.starts_with(a)),
+                "{unit_a} {} and {unit_b} {} collide",
+                a.display(),
+                b.display()
+            );
+        }
+    }
 }
 
 /// The template differs from the plain unit only where the instance name matters, so a

@@ -138,7 +138,7 @@ impl Run {
         let port = self.metrics_port;
         let d = &self.d;
         d.wait_until(LONG, "acks and dead letters counted", || async move {
-            let Some((200, scrape)) = http_get(port, "/metrics") else {
+            let Some((200, scrape)) = common::http_get(port, "/metrics") else {
                 return false;
             };
             metric_sum(&scrape, "redis_streamd_entries_acked_total") >= handled as f64

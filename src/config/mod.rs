@@ -7,7 +7,7 @@
 //!
 //! This module holds the schema (the validated types), loading and the `--check` summary;
 //! the parts live in submodules: [`raw`] (the file as written, for serde), [`validate`]
-//! (the rules and defaults), [`locate`] (key paths and their lines in the file) and
+//! (the rules and defaults; [`streams`] for the `[[streams]]` tables), [`locate`] (key paths and their lines in the file) and
 //! [`program`] (finding and checking handler programs).
 
 use std::collections::BTreeMap;
@@ -18,20 +18,20 @@ pub use crate::redis::tls::TlsFiles;
 
 /// Environment variable whose value replaces `[redis] url`, so passwords can stay out of
 /// config files.
-pub const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
+pub(crate) const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
 
 /// Environment variable whose value replaces `[daemon] consumer`, so several instances
 /// sharing one config file (e.g. a systemd template unit) get distinct consumer names.
-pub const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
+pub(crate) const CONSUMER_ENV: &str = "REDIS_STREAMD_CONSUMER";
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file it was read from (for log lines and `--check`).
-    pub path: PathBuf,
-    pub redis: RedisConfig,
-    pub daemon: DaemonConfig,
-    pub streams: Vec<StreamConfig>,
+    pub(crate) path: PathBuf,
+    pub(crate) redis: RedisConfig,
+    pub(crate) daemon: DaemonConfig,
+    pub(crate) streams: Vec<StreamConfig>,
 }
 
 /// `[redis]`
@@ -50,7 +50,7 @@ pub struct RedisConfig {
 
 /// `[daemon]`
 #[derive(Debug, Clone)]
-pub struct DaemonConfig {
+pub(crate) struct DaemonConfig {
     /// `consumer`: consumer name used in every group. Default: the host name.
     pub consumer: String,
     /// `shutdown_timeout`: how long SIGTERM waits for running handlers. Default 30s.
@@ -62,7 +62,7 @@ pub struct DaemonConfig {
 
 /// `payload` of a `[[streams]]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadMode {
+pub(crate) enum PayloadMode {
     /// The raw bytes of `payload_field` go to stdin.
     Field,
     /// The whole entry as one JSON object goes to stdin.
@@ -71,7 +71,7 @@ pub enum PayloadMode {
 
 /// `mode` of a `[[streams]]` table: how entries reach the handler program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandlerMode {
+pub(crate) enum HandlerMode {
     /// A fresh process per entry attempt (the default).
     Exec,
     /// `max_block_read` long-lived processes fed entries over a pipe (see `worker`).
@@ -80,7 +80,7 @@ pub enum HandlerMode {
 
 /// One `[[streams]]` table.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StreamConfig {
+pub(crate) struct StreamConfig {
     pub name: String,
     pub group: String,
     /// argv; `handler[0]` is the program, executed directly (no shell).
@@ -120,6 +120,67 @@ pub struct StreamConfig {
     pub claim_idle: Duration,
     /// Consumers idle this long with no pending entries are removed. Default 1h.
     pub reap_idle: Duration,
+    /// `order_by` / `order_by_json`, `order_scope`, `order_waiting_max`: per-key order.
+    /// `None`: entries run in any order.
+    pub order: Option<OrderConfig>,
+}
+
+#[cfg(test)]
+impl StreamConfig {
+    /// A stream `s` of group `g` running `handler` with the documented defaults, for unit
+    /// tests (struct update syntax changes the rest).
+    pub(crate) fn for_tests(handler: &[&str]) -> StreamConfig {
+        StreamConfig {
+            name: "s".into(),
+            group: "g".into(),
+            handler: handler.iter().map(|a| a.to_string()).collect(),
+            mode: HandlerMode::Exec,
+            max_block_read: 10,
+            worker_prefetch: 1,
+            block: Duration::from_secs(5),
+            start_id: "$".into(),
+            payload: PayloadMode::Field,
+            payload_field: "payload".into(),
+            handler_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
+            dlq: "s:dlq".into(),
+            dlq_exit_codes: Vec::new(),
+            env: BTreeMap::new(),
+            claim_interval: Duration::from_secs(30),
+            claim_idle: Duration::from_secs(60),
+            reap_idle: Duration::from_secs(3600),
+            order: None,
+        }
+    }
+}
+
+/// Per-key ordering of one stream (`order_by` or `order_by_json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderConfig {
+    pub key: OrderKey,
+    pub scope: OrderScope,
+    /// `order_waiting_max`: entries that may wait behind busy keys in this daemon.
+    pub waiting_max: usize,
+}
+
+/// Where an entry's ordering key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderKey {
+    /// `order_by`: the value of this field.
+    Field(String),
+    /// `order_by_json`: this JSON Pointer (RFC 6901) in the payload field's value.
+    JsonPointer(String),
+}
+
+/// `order_scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderScope {
+    /// In order within this daemon (the default).
+    Consumer,
+    /// In order across every consumer of the group.
+    Group,
 }
 
 /// A configuration that cannot be used. `Display` is the whole operator-facing message.
@@ -143,15 +204,27 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`. `env_url` is the value of
-    /// [`REDIS_URL_ENV`] if set; it wins over `[redis] url`.
-    pub fn load(path: &Path, env_url: Option<String>) -> Result<Config, ConfigError> {
-        let host = Host {
-            path_var: std::env::var_os("PATH"),
-            hostname: system_hostname,
-            consumer_env: std::env::var(CONSUMER_ENV).ok(),
+    /// Reads, parses and validates `path`. Everything it takes from the process rather
+    /// than the file comes in `overrides` (see [`Overrides::from_process`]).
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // toml_edit keeps the span of every key, which serde's result does not; it is the
+        // map from a key path back to a line for every error found after deserializing.
+        let doc = toml_edit::Document::parse(text.as_str())
+            .map_err(|err| syntax_error(path, &text, &err))?;
+        let ctx = Ctx {
+            loc: Locator {
+                file: path,
+                text: &text,
+                doc: &doc,
+            },
+            env: overrides,
         };
-        load_with(path, env_url, &host)
+        let raw: RawConfig = toml::from_str(&text).map_err(|err| ctx.loc.serde_error(&err))?;
+        ctx.validate(raw)
     }
 
     /// A short human summary of the streams, printed by `--check`.
@@ -208,50 +281,54 @@ mod locate;
 mod program;
 mod raw;
 mod redis_section;
+mod streams;
 mod validate;
 
 use locate::{Locator, syntax_error};
 use raw::RawConfig;
 use validate::Ctx;
 
-// ---------------------------------------------------------------------------------------
-// Loading.
-
-/// What loading takes from the process rather than the file, passed in so tests control it.
-struct Host {
-    /// `PATH`, searched for handler programs without a '/'.
-    path_var: Option<std::ffi::OsString>,
-    /// The default consumer name; `None` when it cannot be determined.
-    hostname: fn() -> Option<String>,
-    /// [`CONSUMER_ENV`], which wins over `[daemon] consumer`.
-    consumer_env: Option<String>,
+/// What loading takes from the process rather than the file. [`Overrides::from_process`]
+/// is the one place that reads them; tests build the struct by hand.
+#[derive(Clone, Default)]
+pub struct Overrides {
+    /// [`REDIS_URL_ENV`]: wins over `[redis] url`.
+    pub redis_url: Option<String>,
+    /// [`CONSUMER_ENV`]: wins over `[daemon] consumer`.
+    pub consumer: Option<String>,
+    /// `PATH`, searched for handler programs without a '/' (execvp's default when `None`).
+    pub path: Option<std::ffi::OsString>,
+    /// The host name, the default consumer name; `None` when it cannot be determined.
+    pub hostname: Option<String>,
 }
 
-fn system_hostname() -> Option<String> {
-    nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
+impl Overrides {
+    /// Reads every override from this process's environment and the host name.
+    pub fn from_process() -> Overrides {
+        Overrides {
+            redis_url: std::env::var(REDIS_URL_ENV).ok(),
+            consumer: std::env::var(CONSUMER_ENV).ok(),
+            path: std::env::var_os("PATH"),
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned()),
+        }
+    }
 }
 
-fn load_with(path: &Path, env_url: Option<String>, host: &Host) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // toml_edit keeps the span of every key, which serde's result does not; it is the map
-    // from a key path back to a line for every error found after deserializing.
-    let doc =
-        toml_edit::Document::parse(text.as_str()).map_err(|err| syntax_error(path, &text, &err))?;
-    let ctx = Ctx {
-        loc: Locator {
-            file: path,
-            text: &text,
-            doc: &doc,
-        },
-        host,
-    };
-    let raw: RawConfig = toml::from_str(&text).map_err(|err| ctx.loc.serde_error(&err))?;
-    ctx.validate(raw, env_url)
+/// The URL may hold a password: shown redacted, as everywhere else.
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::redis::url::redact),
+            )
+            .field("consumer", &self.consumer)
+            .field("path", &self.path)
+            .field("hostname", &self.hostname)
+            .finish()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -285,11 +362,12 @@ handler = ["sh", "-c", "cat"]
 "#;
     pub(super) const EXTRA: usize = 8;
 
-    pub(super) fn host() -> Host {
-        Host {
-            path_var: Some("/usr/bin:/bin".into()),
-            hostname: || Some("testhost".to_string()),
-            consumer_env: None,
+    pub(super) fn overrides() -> Overrides {
+        Overrides {
+            redis_url: None,
+            consumer: None,
+            path: Some("/usr/bin:/bin".into()),
+            hostname: Some("testhost".to_string()),
         }
     }
 
@@ -305,7 +383,11 @@ handler = ["sh", "-c", "cat"]
 
     pub(super) fn load_text_env(text: &str, env_url: Option<&str>) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");
-        load_with(&write(&dir, text), env_url.map(String::from), &host())
+        let overrides = Overrides {
+            redis_url: env_url.map(String::from),
+            ..overrides()
+        };
+        Config::load(&write(&dir, text), &overrides)
     }
 
     pub(super) fn load_text(text: &str) -> Result<Config, ConfigError> {
@@ -346,10 +428,10 @@ handler = ["sh", "-c", "cat"]
     }
 
     #[test]
-    fn public_load_defaults_consumer_to_the_host_name() {
+    fn overrides_from_process_default_consumer_to_the_host_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = MINIMAL.replace("\"sh\"", "\"/bin/sh\"");
-        let c = Config::load(&write(&dir, &text), None).expect("valid");
+        let c = Config::load(&write(&dir, &text), &Overrides::from_process()).expect("valid");
         let hostname = nix::unistd::gethostname().expect("hostname");
         assert_eq!(c.daemon.consumer, hostname.to_string_lossy());
     }
@@ -358,7 +440,7 @@ handler = ["sh", "-c", "cat"]
     fn error_display_is_file_line_key_message() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, &with("max_block_read = 0\n"));
-        let err = load_with(&path, None, &host()).expect_err("invalid");
+        let err = Config::load(&path, &overrides()).expect_err("invalid");
         assert_eq!(
             err.to_string(),
             format!(
@@ -372,9 +454,22 @@ handler = ["sh", "-c", "cat"]
     fn unreadable_file_is_a_read_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("missing.toml");
-        let err = load_with(&path, None, &host()).expect_err("missing file");
+        let err = Config::load(&path, &overrides()).expect_err("missing file");
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         assert!(err.to_string().starts_with(&path.display().to_string()));
+    }
+
+    #[test]
+    fn overrides_debug_hides_the_password() {
+        let o = Overrides {
+            redis_url: Some("redis://u:hunter2@h:6379".into()),
+            ..overrides()
+        };
+        let debug = format!("{o:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("u:***@h"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -152,13 +152,13 @@ mod tests {
         let found = executable(&dir.path().join("bin"), "runner", 0o755);
         let path_var = std::env::join_paths([dir.path().to_path_buf(), dir.path().join("bin")])
             .expect("join PATH");
-        let host = Host {
-            path_var: Some(path_var),
-            ..host()
+        let overrides = Overrides {
+            path: Some(path_var),
+            ..overrides()
         };
         let load = |program: &str| {
             let text = MINIMAL.replace(r#"["sh", "-c", "cat"]"#, &format!("[{program:?}]"));
-            load_with(&write(&dir, &text), None, &host)
+            Config::load(&write(&dir, &text), &overrides)
         };
         let (line, key, message) = invalid_from(load("only-plain"));
         assert_eq!((line, key.as_str()), (7, "streams[0].handler"));
@@ -177,14 +177,14 @@ mod tests {
                 r#"["sh", "-c", "cat"]"#,
                 &format!("[{written:?}, \"--flag\"]"),
             );
-            let c = load_with(&write(&dir, &text), None, &host()).expect("valid");
+            let c = Config::load(&write(&dir, &text), &overrides()).expect("valid");
             assert_eq!(
                 c.streams[0].handler,
                 vec![script.display().to_string(), "--flag".to_string()]
             );
         }
         let text = MINIMAL.replace(r#"["sh", "-c", "cat"]"#, r#"["bin/missing.sh"]"#);
-        let (line, key, message) = invalid_from(load_with(&write(&dir, &text), None, &host()));
+        let (line, key, message) = invalid_from(Config::load(&write(&dir, &text), &overrides()));
         assert_eq!((line, key.as_str()), (7, "streams[0].handler"));
         assert!(message.contains("does not exist"), "{message}");
     }

@@ -54,4 +54,8 @@ pub(super) struct RawStream {
     pub(super) claim_interval: Option<String>,
     pub(super) claim_idle: Option<String>,
     pub(super) reap_idle: Option<String>,
+    pub(super) order_by: Option<String>,
+    pub(super) order_by_json: Option<String>,
+    pub(super) order_scope: Option<String>,
+    pub(super) order_waiting_max: Option<i64>,
 }

@@ -15,11 +15,20 @@
 //! | `/healthz` | 200 `ok` while the process serves requests at all |
 //! | `/readyz` | 200 `ready` when Redis is connected and every consume loop runs, else 503 `not ready` |
 //! | anything else | 404 (405 for a known path with a method other than GET or HEAD) |
+//!
+//! Clients that connect and then stall must not silence `/healthz`: an orchestrator
+//! whose liveness probe goes unanswered kills a healthy daemon. So the listener never
+//! stops accepting. Each connection is served by its own task and closed when its request
+//! headers do not arrive within [`HEADER_READ_TIMEOUT`] (which is also how long a kept-alive
+//! connection may sit idle between requests). At most a bounded number of connections
+//! are open at once (each is a file descriptor, and the daemon needs its descriptors for
+//! Redis and handler pipes); a new connection beyond the bound closes the oldest one.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -36,8 +45,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// Upper bounds (seconds) of the handler duration buckets: from quick scripts to the
@@ -46,11 +54,21 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
-/// Scrapers are few; this caps what a misbehaving client can hold open.
-const MAX_CONNECTIONS: usize = 32;
+/// The most connections open at once, when the descriptor limit allows: scrapers and
+/// probes are few, this is for clients that connect and stall. A connection over the
+/// bound closes the oldest one, so the listener keeps answering.
+const MAX_CONNECTIONS: usize = 1024;
 
-/// A client that connects but does not send its request headers is dropped after this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The fewest connections allowed, however low the descriptor limit.
+const MIN_CONNECTIONS: usize = 16;
+
+/// A client must send its complete request headers within this long after it connects,
+/// and after each response on a kept-alive connection (hyper restarts the timer for the
+/// next request), or the connection is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Under a flood of connections, how often closing the oldest ones is logged.
+const EVICTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// On stop, how long a request already being answered may take to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -87,6 +105,12 @@ pub struct Metrics {
     failed_attempts: Family<StreamLabels, Counter>,
     retries: Family<StreamLabels, Counter>,
     dead_lettered: Family<StreamLabels, Counter>,
+    entries_deleted: Family<StreamLabels, Counter>,
+    resource_waits: Family<StreamLabels, Counter>,
+    order_waiting: Family<StreamLabels, Gauge>,
+    order_keys: Family<StreamLabels, Gauge>,
+    order_unkeyed: Family<StreamLabels, Counter>,
+    order_wait: DurationFamily,
     handler_duration: DurationFamily,
     in_flight: Family<StreamLabels, Gauge>,
     group_lag: Family<StreamLabels, Gauge>,
@@ -105,6 +129,13 @@ impl Metrics {
         let failed_attempts = Family::default();
         let retries = Family::default();
         let dead_lettered = Family::default();
+        let entries_deleted = Family::default();
+        let resource_waits = Family::default();
+        let order_waiting = Family::default();
+        let order_keys = Family::default();
+        let order_unkeyed = Family::default();
+        let order_wait: DurationFamily =
+            Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let handler_duration: DurationFamily =
             Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let in_flight = Family::default();
@@ -139,6 +170,37 @@ impl Metrics {
             "dead_lettered",
             "Entries moved to the dead-letter stream",
             dead_lettered.clone(),
+        );
+        registry.register(
+            "entries_deleted",
+            "Entries found deleted from the stream while this consumer held them (pending, waiting for a retry, or claimed); acked away or dropped from the pending list",
+            entries_deleted.clone(),
+        );
+        registry.register(
+            "resource_waits",
+            "Handler starts that failed for want of daemon resources (file descriptors, processes, memory); the entry waits and runs again without using up an attempt",
+            resource_waits.clone(),
+        );
+        registry.register(
+            "order_waiting",
+            "Entries waiting behind an earlier entry with the same ordering key (order_by)",
+            order_waiting.clone(),
+        );
+        registry.register(
+            "order_keys_active",
+            "Ordering keys with an entry in hand (running, waiting for a retry, or being dead-lettered)",
+            order_keys.clone(),
+        );
+        registry.register(
+            "order_unkeyed",
+            "Entries of an ordered stream without an ordering key (run unordered)",
+            order_unkeyed.clone(),
+        );
+        registry.register_with_unit(
+            "order_wait",
+            "Time entries waited behind an earlier entry with the same ordering key",
+            Unit::Seconds,
+            order_wait.clone(),
         );
         registry.register_with_unit(
             "handler_duration",
@@ -184,6 +246,12 @@ impl Metrics {
             failed_attempts,
             retries,
             dead_lettered,
+            entries_deleted,
+            resource_waits,
+            order_waiting,
+            order_keys,
+            order_unkeyed,
+            order_wait,
             handler_duration,
             in_flight,
             group_lag,
@@ -209,6 +277,12 @@ impl Metrics {
             failed_attempts: self.failed_attempts.get_or_create_owned(&labels),
             retries: self.retries.get_or_create_owned(&labels),
             dead_lettered: self.dead_lettered.get_or_create_owned(&labels),
+            deleted: self.entries_deleted.get_or_create_owned(&labels),
+            resource_waits: self.resource_waits.get_or_create_owned(&labels),
+            order_waiting: self.order_waiting.get_or_create_owned(&labels),
+            order_keys: self.order_keys.get_or_create_owned(&labels),
+            order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
+            order_wait: self.order_wait.get_or_create_owned(&labels),
             handler_duration: self.handler_duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
             lag: self.group_lag.get_or_create_owned(&labels),
@@ -277,6 +351,12 @@ pub struct StreamMetrics {
     failed_attempts: Counter,
     retries: Counter,
     dead_lettered: Counter,
+    deleted: Counter,
+    resource_waits: Counter,
+    order_waiting: Gauge,
+    order_keys: Gauge,
+    order_unkeyed: Counter,
+    order_wait: Histogram,
     handler_duration: Histogram,
     in_flight: Gauge,
     lag: Gauge,
@@ -309,6 +389,33 @@ impl StreamMetrics {
     pub fn dead_lettered(&self) {
         self.dead_lettered.inc();
         self.totals.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `redis_streamd_entries_deleted_total` + 1.
+    pub fn deleted_entry(&self) {
+        self.deleted.inc();
+    }
+
+    /// `redis_streamd_resource_waits_total` + 1.
+    pub fn resource_wait(&self) {
+        self.resource_waits.inc();
+    }
+
+    /// `redis_streamd_order_waiting` and `redis_streamd_order_keys_active`.
+    pub fn set_order(&self, waiting: usize, keys: usize) {
+        self.order_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        self.order_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// `redis_streamd_order_unkeyed_total` + 1.
+    pub fn order_unkeyed(&self) {
+        self.order_unkeyed.inc();
+    }
+
+    /// One observation of `redis_streamd_order_wait_seconds`.
+    pub fn order_waited(&self, d: Duration) {
+        self.order_wait.observe(d.as_secs_f64());
     }
 
     /// One observation of `redis_streamd_handler_duration_seconds`.
@@ -385,6 +492,42 @@ impl Health {
     }
 }
 
+/// The listener's bounds; see the module documentation.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+impl Limits {
+    /// [`MAX_CONNECTIONS`], or a quarter of the soft RLIMIT_NOFILE when that is less
+    /// (at least [`MIN_CONNECTIONS`]): idle clients must not take the descriptors that
+    /// consuming needs. The limit is read when the listener starts.
+    fn for_this_process() -> Limits {
+        // Unreadable: assume the common default soft limit of 1024.
+        let nofile = nofile_soft_limit().unwrap_or(1024);
+        let quarter = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
+        Limits {
+            max_connections: quarter.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// The soft RLIMIT_NOFILE from `/proc/self/limits` (`u64::MAX` for "unlimited").
+fn nofile_soft_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let soft = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?
+        .split_whitespace()
+        .next()?;
+    match soft {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop` is cancelled.
 /// Accept errors (e.g. out of file descriptors) are logged and retried, never fatal: the
 /// endpoint is secondary to consuming.
@@ -394,16 +537,29 @@ pub async fn serve(
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limits = Limits::for_this_process();
+    tracing::debug!(
+        max_connections = limits.max_connections,
+        header_read_timeout = ?limits.header_read_timeout,
+        "metrics listener limits"
+    );
+    serve_with(listener, metrics, health, stop, limits).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    limits: Limits,
+) -> std::io::Result<()> {
     let mut connections = JoinSet::new();
+    // The connections' tasks in accept order, oldest first. Finished ones are only
+    // dropped from it when it is full, so it holds at most `max_connections` handles.
+    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    let mut evicted = 0u64;
+    let mut last_eviction_log: Option<Instant> = None;
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -415,18 +571,40 @@ pub async fn serve(
                 }
             },
         };
+        // Collect finished connections so the set does not grow with every scrape.
+        while connections.try_join_next().is_some() {}
+        if open.len() >= limits.max_connections {
+            open.retain(|task| !task.is_finished());
+        }
+        if open.len() >= limits.max_connections {
+            // Full of clients that hold their connection: close the oldest (aborting its
+            // task drops its socket) rather than stop accepting, so that a probe, which
+            // is always the newest connection, gets its answer.
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+                evicted += 1;
+            }
+            if last_eviction_log.is_none_or(|t| t.elapsed() >= EVICTION_LOG_INTERVAL) {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    closed = evicted,
+                    "metrics listener: too many open connections; closing the oldest"
+                );
+                last_eviction_log = Some(Instant::now());
+                evicted = 0;
+            }
+        }
         let metrics = metrics.clone();
         let health = health.clone();
         let stop = stop.clone();
-        connections.spawn(async move {
-            let _permit = permit;
+        let task = connections.spawn(async move {
             let service = service_fn(move |req| {
                 let response = respond(&req, &metrics, &health);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -443,8 +621,7 @@ pub async fn serve(
                 tracing::debug!(%error, "metrics connection ended with an error");
             }
         });
-        // Collect finished connections so the set does not grow with every scrape.
-        while connections.try_join_next().is_some() {}
+        open.push_back(task);
     }
     // Each connection reacts to `stop` by itself; wait for them a little longer than
     // their own grace, then drop (abort) whatever is left.
@@ -761,5 +938,119 @@ mod tests {
             .unwrap();
         drop(idle);
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    /// Starts [`serve_with`] on a loopback port.
+    async fn start(limits: Limits) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_with(
+            listener,
+            Metrics::new(),
+            Health::new(1),
+            stop.clone(),
+            limits,
+        ));
+        (addr, stop)
+    }
+
+    /// Reads until the server closes the connection (EOF or reset); false if it is still
+    /// open after `within`.
+    async fn closed_within(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut sink = Vec::new();
+        tokio::time::timeout(within, conn.read_to_end(&mut sink))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn full_listener_closes_the_oldest_connection_and_keeps_answering() {
+        // A header timeout far beyond the test: any connection closed here was evicted.
+        let (addr, stop) = start(Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_secs(600),
+        })
+        .await;
+        let mut idle = Vec::new();
+        for _ in 0..10 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted after the ten (one listen queue, first come first accepted): it closes
+        // the oldest of the four open ones and is answered.
+        assert_eq!(get(addr, "GET", "/healthz", "").await.0, 200);
+        for (i, conn) in idle.iter_mut().enumerate().take(7) {
+            assert!(
+                closed_within(conn, Duration::from_secs(10)).await,
+                "connection {i} still open"
+            );
+        }
+        for (i, conn) in idle.iter_mut().enumerate().skip(7) {
+            assert!(
+                !closed_within(conn, Duration::from_millis(200)).await,
+                "connection {i} closed"
+            );
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn stalled_and_idle_connections_are_closed() {
+        let (addr, stop) = start(Limits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_millis(300),
+        })
+        .await;
+        // Sends nothing.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Sends half a request.
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .unwrap();
+        // One kept-alive request, then nothing.
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok\n") {
+            let mut buf = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(10), kept.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert_ne!(n, 0, "closed before the answer: {answer:?}");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        for (what, conn) in [
+            ("silent", &mut silent),
+            ("partial", &mut partial),
+            ("kept-alive", &mut kept),
+        ] {
+            assert!(
+                closed_within(conn, Duration::from_secs(10)).await,
+                "{what} connection still open"
+            );
+        }
+        stop.cancel();
+    }
+
+    #[test]
+    fn limits_follow_the_descriptor_limit() {
+        let limits = Limits::for_this_process();
+        assert!(
+            (MIN_CONNECTIONS..=MAX_CONNECTIONS).contains(&limits.max_connections),
+            "{limits:?}"
+        );
+        if let Some(nofile) = nofile_soft_limit() {
+            assert!(
+                limits.max_connections as u64 <= nofile.max(4 * MIN_CONNECTIONS as u64) / 4,
+                "{limits:?} with RLIMIT_NOFILE {nofile}"
+            );
+        }
+        assert!(HEADER_READ_TIMEOUT <= Duration::from_secs(2));
     }
 }

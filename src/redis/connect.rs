@@ -104,6 +104,19 @@ impl Connector {
         })
     }
 
+    /// A connector for one-off clients (operator commands): no Sentinel subscription, no
+    /// metrics anyone reads.
+    pub fn plain(cfg: &RedisConfig) -> Result<Connector, RedisError> {
+        let target = url::parse(&cfg.url).map_err(RedisError::Url)?;
+        Ok(Connector {
+            cfg: cfg.clone(),
+            fred: fred_config(&target, cfg)?,
+            deployment: target.deployment,
+            metrics: Metrics::new(),
+            switches: None,
+        })
+    }
+
     pub fn deployment(&self) -> Deployment {
         self.deployment
     }
@@ -273,6 +286,12 @@ fn keep_routing(client: &Client, router: fred::types::ConnectHandle, role: Role)
             router = client.connect();
         }
     });
+}
+
+/// One commands client for `cfg`, connected as [`Connector::connect`] does (for operator
+/// commands, which need no Sentinel subscription).
+pub async fn connect(cfg: &RedisConfig, stop: &CancellationToken) -> Result<Client, RedisError> {
+    Connector::plain(cfg)?.connect(Role::Commands, stop).await
 }
 
 /// fred's configuration for `target`, with TLS set up from the `[redis]` TLS files.

@@ -25,7 +25,9 @@ pub mod tls;
 pub mod url;
 
 pub use commands::StreamCommands;
-pub use connect::{Connector, Role, watch_connection};
+pub use connect::{Connector, Role, connect, watch_connection};
 pub use dead_letter::{DeadLetter, DlqWrite};
 pub use error::RedisError;
-pub use reply::{AutoClaim, ConsumerInfo, Entry, PendingEntry};
+pub use reply::{
+    AutoClaim, ConsumerInfo, Entry, PendingEntry, parse_consumers_reply, parse_entries,
+};

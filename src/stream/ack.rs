@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::ops::metrics::StreamMetrics;
@@ -37,12 +38,17 @@ impl Unconfirmed {
 }
 
 impl Acker {
-    /// Starts the ack task for `cmds`' stream and group. The task ends when every `Acker`
-    /// clone is dropped and all ids are acknowledged.
-    pub fn spawn(cmds: StreamCommands, metrics: StreamMetrics) -> (Acker, JoinHandle<()>) {
+    /// Starts the ack task for `cmds`' stream and group (in the current tracing span).
+    /// The task ends when every `Acker` clone is dropped and all ids are acknowledged.
+    pub fn spawn(cmds: StreamCommands, metrics: StreamMetrics) -> (Acker, AckTask) {
         let (tx, rx) = mpsc::unbounded_channel();
         let unconfirmed = Unconfirmed::default();
-        let task = tokio::spawn(ack_loop(cmds, rx, unconfirmed.clone(), metrics));
+        let handle =
+            tokio::spawn(ack_loop(cmds, rx, unconfirmed.clone(), metrics).in_current_span());
+        let task = AckTask {
+            handle,
+            unconfirmed: unconfirmed.clone(),
+        };
         (Acker { tx, unconfirmed }, task)
     }
 
@@ -62,6 +68,28 @@ impl Acker {
         // The receiver lives until every sender is gone, so this cannot fail while we
         // hold `self`; if it ever did, the entry stays pending and is handled again.
         let _ = self.tx.send(id);
+    }
+}
+
+/// The ack task, for the final flush.
+pub(crate) struct AckTask {
+    handle: JoinHandle<()>,
+    unconfirmed: Unconfirmed,
+}
+
+impl AckTask {
+    /// Waits up to `within` for the task to acknowledge everything handed to it (every
+    /// `Acker` must be dropped). `Err` holds the ids Redis has not confirmed: they stay
+    /// pending and run again after a restart or a takeover.
+    pub(crate) async fn finish(self, within: std::time::Duration) -> Result<(), Vec<String>> {
+        match tokio::time::timeout(within, self.handle).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "ack task failed");
+                Err(self.unconfirmed.set().iter().cloned().collect())
+            }
+            Err(_) => Err(self.unconfirmed.set().iter().cloned().collect()),
+        }
     }
 }
 
@@ -87,7 +115,7 @@ async fn ack_loop(
             // Boxed: the XACK future is large and the task spends its life idle.
             match Box::pin(cmds.ack(&batch)).await {
                 Ok(_) => {
-                    tracing::debug!(stream = %cmds.who.stream, count = batch.len(), "acked");
+                    tracing::debug!(count = batch.len(), "acked");
                     metrics.acked(batch.len() as u64);
                     let mut set = unconfirmed.set();
                     for id in batch.drain(..) {
@@ -98,7 +126,6 @@ async fn ack_loop(
                 Err(error) => {
                     let delay = backoff.fail();
                     tracing::warn!(
-                        stream = %cmds.who.stream,
                         count = batch.len(),
                         %error,
                         retry_in = ?delay,

@@ -17,7 +17,7 @@ use crate::redis::dead_letter::split_slots;
 use crate::redis::{DeadLetter, DlqWrite, Entry, StreamCommands};
 
 /// Why and after how much effort an entry is being dead-lettered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     /// `exit code 3`, `killed by signal 9`, `timeout after 30s`, `spawn failed: ...`,
     /// `missing field "payload"`, ...
@@ -26,6 +26,8 @@ pub struct Failure {
     pub attempts: u64,
     /// Tail of the last run's stderr (empty when none ran).
     pub stderr: Vec<u8>,
+    /// How long the last run took (`None` when none ran).
+    pub elapsed: Option<std::time::Duration>,
 }
 
 /// The fields of the DLQ entry for `entry`.
@@ -161,6 +163,7 @@ fn settled(
     outcome: DeadLetter,
 ) -> bool {
     let (stream, group, id) = (&cmds.who.stream, &cmds.who.group, &entry.id);
+    let elapsed_ms = failure.elapsed.map(|d| d.as_millis() as u64);
     match outcome {
         DeadLetter::Done => {
             tracing::warn!(
@@ -168,6 +171,7 @@ fn settled(
                 %group,
                 %id,
                 attempt = failure.attempts,
+                elapsed_ms,
                 reason = %failure.reason,
                 dlq,
                 "entry moved to the dead-letter stream"
@@ -180,6 +184,7 @@ fn settled(
                 %group,
                 %id,
                 attempt = failure.attempts,
+                elapsed_ms,
                 reason = %failure.reason,
                 dlq,
                 %error,

@@ -1049,6 +1049,14 @@ pub fn config(url: &str, streams: &str) -> String {
     )
 }
 
+/// `cfg` (from [`config`] or alike) with `metrics_listen` on 127.0.0.1:`port`.
+pub fn with_metrics_listen(cfg: &str, port: u16) -> String {
+    cfg.replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    )
+}
+
 /// One `[[streams]]` table; `extra` is more `key = value` lines.
 pub fn stream_table(name: &str, group: &str, script: &Path, extra: &str) -> String {
     format!(
@@ -1124,4 +1132,35 @@ pub fn workdir() -> TempDir {
         .prefix("streamd-work-")
         .tempdir()
         .expect("tempdir")
+}
+
+/// `GET path` on 127.0.0.1:port: (status code, body); None unless answered within about
+/// 10 s (to connect, and then to read).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The value of the series `name{stream="s",...}` in a scrape.
+pub fn sample(scrape: &str, name: &str, stream: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.split_once(['{', ' ']).is_some_and(|(n, _)| n == name)
+                && l.contains(&format!("stream=\"{stream}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
