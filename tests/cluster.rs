@@ -2,9 +2,10 @@
 //! (`cluster-node-timeout 1500`), the real daemon on a `redis-cluster://` URL, streams on
 //! every primary. 3,000 entries shared by two daemons, each acked exactly once or
 //! dead-lettered; a manual failover, a kill -9 of a primary and a slot migration in the
-//! middle of a run (no stall, nothing lost, the daemon keeps running); the dead-letter
-//! write with the stream and its DLQ in the same slot (one atomic script) and in different
-//! slots (DLQ then ack, warned once at start).
+//! middle of a run (no stall, nothing lost, the daemon keeps running); a primary frozen
+//! past the node timeout and continued as a replica (no retry loop against it); the
+//! dead-letter write with the stream and its DLQ in the same slot (one atomic script) and
+//! in different slots (DLQ then ack, warned once at start).
 //!
 //! The handler (`recording_handler`) appends `<stream> <id> <consumer>` to a file on success
 //! and exits 3 (`dlq_exit_codes = [3]`) for `poison` payloads. The checks read the streams
@@ -55,6 +56,8 @@ fn one_stream_per_primary(cluster: &mut Cluster, prefix: &str) -> Vec<String> {
 /// pushed. Daemons are dropped (killed) before the cluster.
 struct Run {
     daemons: Vec<Daemon>,
+    /// `/metrics` port of each daemon.
+    metrics: Vec<u16>,
     c: TestClient,
     cluster: Cluster,
     watched: Vec<Watched>,
@@ -80,10 +83,13 @@ impl Run {
             .map(|n| topo_stream(n, GROUP, &script, stream_extra))
             .collect();
         let url = cluster.url();
+        let metrics: Vec<u16> = consumers.iter().map(|_| free_port()).collect();
         let daemons: Vec<Daemon> = consumers
             .iter()
-            .map(|consumer| {
-                let cfg = daemon_config(&url, "", consumer, "", &streams);
+            .zip(&metrics)
+            .map(|(consumer, port)| {
+                let listen = format!("metrics_listen = \"127.0.0.1:{port}\"");
+                let cfg = daemon_config(&url, "", consumer, &listen, &streams);
                 Daemon::start_with(&cfg, &["--log-level", "info"], &[])
             })
             .collect();
@@ -101,6 +107,7 @@ impl Run {
         }
         Run {
             daemons,
+            metrics,
             c,
             cluster,
             watched: names.iter().map(|n| Watched::new(n)).collect(),
@@ -137,6 +144,16 @@ impl Run {
             done_count(&self.done) < pushed * 99 / 100,
             "run already over"
         );
+    }
+
+    /// Every daemon counted the change of primaries.
+    async fn assert_failover_counted(&self) {
+        for (d, &port) in self.daemons.iter().zip(&self.metrics) {
+            wait_metrics(d, port, "failover counted", |m| {
+                metric_sum(m, "redis_streamd_redis_failovers_total") >= 1.0
+            })
+            .await;
+        }
     }
 
     fn assert_running(&mut self) {
@@ -203,6 +220,7 @@ async fn cluster_manual_failover_mid_run() {
 
     run.push(300, 400).await;
     run.wait_complete().await;
+    run.assert_failover_counted().await;
     run.assert_running();
 }
 
@@ -225,6 +243,49 @@ async fn cluster_kill9_primary_mid_run() {
 
     run.push(300, 400).await;
     run.wait_complete().await;
+    run.assert_failover_counted().await;
+    run.assert_running();
+}
+
+/// A stream's primary frozen (`kill -STOP`) past the node timeout while entries are
+/// handled: its replica takes over; then continued (`kill -CONT`), it rejoins as a
+/// replica. No stall, nothing lost, and no retry loop against the old primary: once
+/// everything settled, a later batch goes through without a new `READONLY` or `MOVED`
+/// line in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_frozen_primary_continued_as_replica() {
+    let mut cluster = blocking(Cluster::start);
+    let names = one_stream_per_primary(&mut cluster, "fz");
+    let mut run = Run::start(cluster, &names, &["d1"], "max_block_read = 4", SLOW).await;
+    run.push(0, 300).await;
+    blocking(|| run.cluster.wait_in_sync());
+    run.wait_progress(100).await;
+
+    let owner = run.cluster.owner_of(&names[0]);
+    let promoted = blocking(|| run.cluster.freeze_primary(owner));
+    // The test client (fred 10.1) stalls on the frozen node's connection: a new one,
+    // bootstrapped from the live nodes, sees the new primary.
+    run.c = TestClient::connect(&run.cluster.url()).await;
+    run.push(300, 350).await;
+    blocking(|| run.cluster.thaw_as_replica(owner));
+    assert_eq!(run.cluster.owner_of(&names[0]), promoted);
+    run.push(350, 400).await;
+    run.wait_complete().await;
+    run.assert_failover_counted().await;
+
+    let noisy = |d: &Daemon| log_lines_with(d, "READONLY").len() + log_lines_with(d, "MOVED").len();
+    let before = noisy(&run.daemons[0]);
+    eprintln!("READONLY/MOVED lines while the failover settled: {before}");
+    run.push(400, 450).await;
+    run.wait_complete().await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let after = noisy(&run.daemons[0]);
+    assert_eq!(
+        after,
+        before,
+        "errors against the old primary keep coming:\n{}",
+        run.daemons[0].log_tail()
+    );
     run.assert_running();
 }
 

@@ -61,6 +61,14 @@ impl Run {
             metrics_port,
             _work: work,
         };
+        let first = run.set.servers[0].port();
+        wait_metrics(
+            &run.d,
+            metrics_port,
+            "primary gauge on the first primary",
+            |m| primary_gauge_is(m, first),
+        )
+        .await;
         let c = run.client().await;
         let cr = &c;
         run.d
@@ -79,6 +87,15 @@ impl Run {
             done_count(&self.done) < pushed * 99 / 100,
             "run already over"
         );
+    }
+
+    /// The failover shows in the metrics: one counted at least, the gauge on `new`.
+    async fn assert_failover_counted(&self, new: u16) {
+        let what = format!("failover counted, primary gauge on port {new}");
+        wait_metrics(&self.d, self.metrics_port, &what, |m| {
+            metric_sum(m, "redis_streamd_redis_failovers_total") >= 1.0 && primary_gauge_is(m, new)
+        })
+        .await;
     }
 
     /// A client of the current primary.
@@ -142,6 +159,7 @@ async fn sentinel_failover_mid_run() {
     assert_ne!(old, new);
     run.push(300, 400).await;
     run.wait_complete().await;
+    run.assert_failover_counted(new).await;
 }
 
 /// kill -9 of the primary while entries are handled: the sentinels promote the replica.
@@ -158,6 +176,7 @@ async fn sentinel_kill9_primary_mid_run() {
     assert_ne!(old, new);
     run.push(300, 400).await;
     run.wait_complete().await;
+    run.assert_failover_counted(new).await;
 }
 
 /// The primary frozen (`kill -STOP`) for longer than the failover timeout while entries are
@@ -173,11 +192,11 @@ async fn sentinel_frozen_primary_continued_as_replica() {
     run.wait_progress().await;
 
     let old = blocking(|| run.set.primary());
-    run.set.server(old).freeze();
+    run.set.server_mut(old).freeze();
     let new = blocking(|| run.set.wait_new_primary(old));
     // Frozen past the failover timeout, as in the issue, then continued.
     tokio::time::sleep(Duration::from_millis(FAILOVER_TIMEOUT_MS + 1000)).await;
-    run.set.server(old).thaw();
+    run.set.server_mut(old).thaw();
     run.push(300, 400).await;
 
     let set = &run.set;
@@ -191,6 +210,7 @@ async fn sentinel_frozen_primary_continued_as_replica() {
     });
     assert_eq!(blocking(|| run.set.primary()), new);
     run.wait_complete().await;
+    run.assert_failover_counted(new).await;
 
     // No retry loop against the demoted node: a later batch goes through without a single
     // new READONLY line.

@@ -290,6 +290,32 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// CPU time (user + system, seconds) used so far by the live children of `pid` (e.g. a
+/// daemon's workers), read from /proc before they exit.
+pub fn children_cpu_secs(pid: u32) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let parent = pid.to_string();
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                stat.rfind(')')
+                    .and_then(|i| stat[i + 2..].split_whitespace().nth(1).map(|pp| pp == parent))
+                    .unwrap_or(false)
+            })
+        })
+        .filter_map(|p| {
+            // schedstat's first field: ns on a CPU (stat's ticks are too coarse for a
+            // worker's few milliseconds).
+            let s = std::fs::read_to_string(format!("/proc/{p}/schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .map(|ns| ns as f64 / 1e9)
+        .sum()
+}
+
 /// CPU time (user + system, seconds) of this process so far, not counting children.
 pub fn self_cpu_secs() -> f64 {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

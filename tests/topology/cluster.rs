@@ -84,17 +84,17 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// `redis-cluster://` URL naming every node that is alive.
+    /// `redis-cluster://` URL naming every node that is alive (and not frozen).
     pub fn url(&mut self) -> String {
         self.url_with_scheme("redis-cluster")
     }
 
-    /// The same with another scheme (e.g. `rediss-cluster`).
+    /// The same with another scheme (e.g. `rediss-cluster`). Frozen nodes are left out.
     pub fn url_with_scheme(&mut self, scheme: &str) -> String {
         let addrs: Vec<String> = self
-            .nodes
-            .iter_mut()
-            .filter_map(|n| n.is_alive().then(|| n.addr()))
+            .live_ports()
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         let mut url = format!("{scheme}://{}", addrs[0]);
         for (i, a) in addrs[1..].iter().enumerate() {
@@ -122,10 +122,11 @@ impl Cluster {
         &mut self.nodes[i]
     }
 
+    /// Nodes that run and are not frozen.
     fn live_ports(&mut self) -> Vec<u16> {
         self.nodes
             .iter_mut()
-            .filter_map(|n| n.is_alive().then(|| n.port()))
+            .filter_map(|n| (n.is_alive() && !n.is_frozen()).then(|| n.port()))
             .collect()
     }
 
@@ -273,6 +274,36 @@ impl Cluster {
         );
         self.wait_healthy(None);
         replica
+    }
+
+    /// `kill -STOP` of the primary on `primary`; waits until its replica took over and the
+    /// other nodes are healthy. Returns the new primary's port.
+    pub fn freeze_primary(&mut self, primary: u16) -> u16 {
+        let replica = self.replica_of(primary);
+        self.node_mut(primary).freeze();
+        let node = self.node(replica);
+        wait_sync(
+            FORM,
+            "replica promoted while its primary is frozen",
+            || node.role().as_deref() == Some("master"),
+            String::new,
+        );
+        self.wait_healthy(None);
+        replica
+    }
+
+    /// `kill -CONT` of a node frozen by [`Cluster::freeze_primary`]; waits until it has
+    /// rejoined as a replica and the cluster is healthy.
+    pub fn thaw_as_replica(&mut self, port: u16) {
+        self.node_mut(port).thaw();
+        let node = self.node(port);
+        wait_sync(
+            FORM,
+            "continued primary demoted to a replica",
+            || node.role().as_deref() == Some("slave"),
+            String::new,
+        );
+        self.wait_healthy(None);
     }
 
     /// Moves `slot` and its keys to the primary on `to`: SETSLOT IMPORTING / MIGRATING,

@@ -44,6 +44,7 @@ pub struct Node {
     log_path: PathBuf,
     pid: u32,
     child: Option<Child>,
+    frozen: bool,
 }
 
 impl Node {
@@ -75,6 +76,7 @@ impl Node {
                         log_path,
                         pid: child.id(),
                         child: Some(child),
+                        frozen: false,
                     };
                 }
                 Err((true, msg)) => last = msg,
@@ -136,17 +138,24 @@ impl Node {
     }
 
     /// `kill -STOP`: the process stays, its sockets stay open, nothing answers.
-    pub fn freeze(&self) {
+    pub fn freeze(&mut self) {
         if self.child.is_some() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGSTOP);
+            self.frozen = true;
         }
     }
 
     /// `kill -CONT` after [`Node::freeze`].
-    pub fn thaw(&self) {
+    pub fn thaw(&mut self) {
         if self.child.is_some() {
             let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGCONT);
+            self.frozen = false;
         }
+    }
+
+    /// Frozen with [`Node::freeze`] and not thawed yet.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
     }
 
     /// `ROLE`'s first element (`master`, `slave`, `sentinel`), None when it does not answer.
@@ -637,6 +646,23 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
+}
+
+/// Waits until the daemon's `/metrics` on `port` satisfy `cond` (scrape text).
+pub async fn wait_metrics(d: &Daemon, port: u16, what: &str, cond: impl Fn(&str) -> bool) {
+    let cond = &cond;
+    d.wait_until(LONG, what, || async move {
+        http_get(port, "/metrics").is_some_and(|(status, scrape)| status == 200 && cond(&scrape))
+    })
+    .await;
+}
+
+/// True when `redis_streamd_redis_primary` is 1 for `127.0.0.1:<port>`.
+pub fn primary_gauge_is(scrape: &str, port: u16) -> bool {
+    let label = format!("address=\"127.0.0.1:{port}\"");
+    scrape.lines().any(|l| {
+        l.starts_with("redis_streamd_redis_primary{") && l.contains(&label) && l.ends_with(" 1")
+    })
 }
 
 /// Sum of every sample of `metric` (any labels) in a Prometheus text scrape.

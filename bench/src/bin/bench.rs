@@ -949,9 +949,25 @@ async fn cluster_preload(
     Ok(out)
 }
 
+/// What one scenario-5 measurement gives: entries/s, and CPU seconds used meanwhile by
+/// the daemons, their workers and the redis-servers.
+struct ClusterRun {
+    rate: f64,
+    daemons_cpu: f64,
+    workers_cpu: f64,
+    redis_cpu: f64,
+}
+
+fn redis_cpu(cluster: &BenchCluster) -> f64 {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| bench::proc_cpu_secs(n.pid()).unwrap_or(f64::NAN))
+        .sum()
+}
+
 /// `k` daemons (consumers bench-0 ..) sharing the group of one stream per primary, worker
-/// mode: entries/s from the first daemon's start to the last XACK, and the daemons' CPU
-/// seconds in all.
+/// mode, from their start to the last XACK.
 async fn cluster_daemons(
     opts: &Opts,
     dir: &Path,
@@ -959,7 +975,7 @@ async fn cluster_daemons(
     n: usize,
     k: usize,
     mbr: usize,
-) -> Result<(f64, f64)> {
+) -> Result<ClusterRun> {
     let streams = cluster_preload(cluster, &format!("w{k}"), n).await?;
     let specs: Vec<StreamSpec> = streams
         .iter()
@@ -977,6 +993,7 @@ async fn cluster_daemons(
         write_config_as(&config, &cluster.url(), &format!("bench-{j}"), &specs)?;
         configs.push(config);
     }
+    let redis_before = redis_cpu(cluster);
     let started = Instant::now();
     let mut daemons = Vec::new();
     for (j, config) in configs.iter().enumerate() {
@@ -990,10 +1007,12 @@ async fn cluster_daemons(
             .map_err(|e| format!("{e}; daemon log: {}", daemons[0].log_tail()))?;
     }
     let secs = done.duration_since(started).as_secs_f64();
-    let cpu: f64 = daemons
+    let redis_cpu = redis_cpu(cluster) - redis_before;
+    let daemons_cpu: f64 = daemons
         .iter()
         .map(|d| bench::proc_cpu_secs(d.pid()).unwrap_or(f64::NAN))
         .sum();
+    let workers_cpu: f64 = daemons.iter().map(|d| bench::children_cpu_secs(d.pid())).sum();
     for d in daemons {
         d.stop()?;
     }
@@ -1005,7 +1024,12 @@ async fn cluster_daemons(
         let _: i64 = client.del(name.as_str()).await?;
         let _ = client.quit().await;
     }
-    Ok((n as f64 / secs, cpu))
+    Ok(ClusterRun {
+        rate: n as f64 / secs,
+        daemons_cpu,
+        workers_cpu,
+        redis_cpu,
+    })
 }
 
 /// The Redis ceiling of the cluster: one `redis-ceiling` per primary at once, each on its
@@ -1045,61 +1069,68 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
     if !daemon_has_cluster_urls(opts, &probe)? {
         return Ok("cluster: skipped: this daemon does not take redis-cluster:// URLs".to_owned());
     }
-    // Per run: 1, 2, 4 daemons, the ceiling; ratios 2/1, 4/1, 1/ceiling.
-    let mut rows: Vec<[f64; 10]> = Vec::new();
+    // Per run: 1, 2 and 4 daemons (order reversed every other run), then the ceiling.
+    // Row: rates (1, 2, 4, ceiling), ratios (2/1, 4/1, 1/ceiling), then per k the CPU
+    // microseconds per entry of daemons, workers and redis-servers.
+    let mut rows: Vec<Vec<f64>> = Vec::new();
     for run in 0..opts.runs {
         let dir = run_dir(opts, &format!("s5-{run}"))?;
         let cluster = BenchCluster::start(&dir, 3).await?;
         let order: [usize; 3] = if run.is_multiple_of(2) { [1, 2, 4] } else { [4, 2, 1] };
-        let mut rate = [0.0; 3];
-        let mut cpu = [0.0; 3];
+        let mut m: [Option<ClusterRun>; 3] = [None, None, None];
         for k in order {
-            let i = k.trailing_zeros() as usize;
-            (rate[i], cpu[i]) = cluster_daemons(opts, &dir, &cluster, n, k, mbr).await?;
+            m[k.trailing_zeros() as usize] =
+                Some(cluster_daemons(opts, &dir, &cluster, n, k, mbr).await?);
         }
         let ceiling = cluster_ceiling(opts, &cluster, n).await?;
-        let us = |i: usize| cpu[i] * 1e6 / n as f64;
+        let m: Vec<ClusterRun> = m.into_iter().flatten().collect();
+        let us = |s: f64| s * 1e6 / n as f64;
+        let mut row = vec![m[0].rate, m[1].rate, m[2].rate, ceiling];
+        row.extend([m[1].rate / m[0].rate, m[2].rate / m[0].rate, m[0].rate / ceiling]);
+        for r in &m {
+            row.extend([us(r.daemons_cpu), us(r.workers_cpu), us(r.redis_cpu)]);
+        }
         eprintln!(
-            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | daemons' CPU per entry {:.1} {:.1} {:.1} us",
+            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
             run + 1,
-            rate[0],
-            rate[1],
-            rate[2],
-            rate[1] / rate[0],
-            rate[2] / rate[0],
-            rate[0] / ceiling,
-            us(0),
-            us(1),
-            us(2)
+            row[0],
+            row[1],
+            row[2],
+            row[4],
+            row[5],
+            row[6],
+            cpu_breakdown(&row)
         );
-        rows.push([
-            rate[0],
-            rate[1],
-            rate[2],
-            ceiling,
-            rate[1] / rate[0],
-            rate[2] / rate[0],
-            rate[0] / ceiling,
-            us(0),
-            us(1),
-            us(2),
-        ]);
+        rows.push(row);
     }
-    let m = |i: usize| median(&rows.iter().map(|f| f[i]).collect::<Vec<_>>());
+    let med: Vec<f64> = (0..rows[0].len())
+        .map(|i| median(&rows.iter().map(|r| r[i]).collect::<Vec<_>>()))
+        .collect();
     let r = |i: usize| list(&rows.iter().map(|f| f[i]).collect::<Vec<_>>(), 3);
     Ok(format!(
-        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | daemons' CPU/entry {:.1} {:.1} {:.1} us",
-        m(0),
-        m(1),
-        m(2),
-        m(3),
-        m(4),
+        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+        med[0],
+        med[1],
+        med[2],
+        med[3],
+        med[4],
         r(4),
-        m(5),
+        med[5],
         r(5),
-        m(6),
-        m(7),
-        m(8),
-        m(9)
+        med[6],
+        cpu_breakdown(&med)
     ))
+}
+
+/// `1: a+b+c=t  2: ...  4: ...` from a scenario-5 row.
+fn cpu_breakdown(row: &[f64]) -> String {
+    [1, 2, 4]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let c = &row[7 + 3 * i..10 + 3 * i];
+            format!("{k}: {:.1}+{:.1}+{:.1}={:.1}", c[0], c[1], c[2], c.iter().sum::<f64>())
+        })
+        .collect::<Vec<_>>()
+        .join("  ")
 }
