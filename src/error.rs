@@ -44,6 +44,8 @@ impl Error {
             // A stream name that points at a key of another type: the config is wrong for
             // this Redis, and restarting would fail the same way.
             Error::Daemon(DaemonError::Redis(e)) if e.is_wrongtype() => EX_CONFIG,
+            // The [redis] URL or TLS files, checked at load, became unusable since.
+            Error::Daemon(DaemonError::Redis(e)) if e.is_config() => EX_CONFIG,
             Error::Daemon(DaemonError::Redis(RedisError::ConnectTimeout { .. })) => EX_UNAVAILABLE,
             Error::Daemon(DaemonError::MetricsListen { .. }) => EX_UNAVAILABLE,
             Error::Runtime(_) | Error::Signals(_) | Error::Daemon(_) => EX_SOFTWARE,
@@ -62,6 +64,9 @@ impl Error {
             Error::Signals(e) => ("cannot install signal handlers", e),
             Error::Daemon(DaemonError::Redis(e)) if e.is_wrongtype() => {
                 ("a configured stream name is a key of another type", e)
+            }
+            Error::Daemon(DaemonError::Redis(e)) if e.is_config() => {
+                ("cannot use the [redis] settings", e)
             }
             Error::Daemon(e @ DaemonError::Redis(RedisError::ConnectTimeout { .. })) => {
                 ("giving up", e)
@@ -134,7 +139,7 @@ mod tests {
             ),
             (
                 Error::Daemon(DaemonError::Redis(RedisError::Url("x".into()))),
-                EX_SOFTWARE,
+                EX_CONFIG,
             ),
         ]
     }

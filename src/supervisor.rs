@@ -57,6 +57,7 @@ struct Running {
 
 struct Daemon {
     config: Config,
+    connector: redis::Connector,
     commands: Client,
     shutdown: Shutdown,
     metrics: Arc<Metrics>,
@@ -93,7 +94,11 @@ pub async fn run(
     }
     notify::spawn_watchdog(liveness.clone(), exiting.clone());
 
-    let commands = match redis::connect(&config.redis, shutdown.stop_token()).await {
+    let connector = redis::Connector::new(&config.redis, metrics.clone(), &exiting)?;
+    let commands = match connector
+        .connect(redis::Role::Commands, shutdown.stop_token())
+        .await
+    {
         Ok(client) => client,
         Err(RedisError::Stopped) => return Ok(()),
         Err(e) => return Err(e.into()),
@@ -111,6 +116,7 @@ pub async fn run(
 
     let mut daemon = Daemon {
         config,
+        connector,
         commands,
         shutdown,
         metrics,
@@ -229,7 +235,7 @@ impl Daemon {
         prepared: Option<mpsc::UnboundedSender<Result<(), RedisError>>>,
     ) -> Running {
         let stop = self.shutdown.child();
-        let redis_cfg = self.config.redis.clone();
+        let connector = self.connector.clone();
         let consumer = self.config.daemon.consumer.clone();
         let commands = self.commands.clone();
         let hooks = LoopHooks {
@@ -251,7 +257,10 @@ impl Daemon {
                     let _ = tx.send(result);
                 }
             };
-            let reader = match redis::connect(&redis_cfg, task_stop.stop_token()).await {
+            let reader = match connector
+                .connect(redis::Role::Reader, task_stop.stop_token())
+                .await
+            {
                 Ok(client) => client,
                 Err(RedisError::Stopped) => return report(Ok(())),
                 Err(error) => return report(Err(error)),
@@ -261,6 +270,7 @@ impl Daemon {
                     reconnects.redis_reconnect();
                 }
             });
+            crate::stream::dlq::warn_if_split(&commands, &task_cfg.name, &task_cfg.dlq);
             let stream_loop =
                 StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop, hooks);
             match stream_loop.create_group(&task_stop).await {
@@ -303,10 +313,7 @@ impl Daemon {
                 return;
             }
         };
-        if new.redis.url != self.config.redis.url
-            || new.redis.connect_timeout != self.config.redis.connect_timeout
-            || new.daemon.consumer != self.config.daemon.consumer
-        {
+        if new.redis != self.config.redis || new.daemon.consumer != self.config.daemon.consumer {
             tracing::warn!(
                 "[redis] and [daemon] consumer changes take effect on restart only; applying the rest"
             );

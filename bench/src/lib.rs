@@ -10,6 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fred::prelude::*;
 use fred::types::config::Config as FredConfig;
 
+pub mod cluster;
+
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -38,6 +40,11 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts redis-server (from PATH, or `REDIS_SERVER`) with its files in `dir`.
     pub fn start(dir: &Path) -> Result<RedisServer> {
+        RedisServer::start_with(dir, |_| Vec::new())
+    }
+
+    /// [`RedisServer::start`] with more arguments, made for the port it gets.
+    pub fn start_with(dir: &Path, extra: impl Fn(u16) -> Vec<String>) -> Result<RedisServer> {
         let program = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         std::fs::create_dir_all(dir)?;
         let mut last_error = String::new();
@@ -50,6 +57,7 @@ impl RedisServer {
                 .args(["--protected-mode", "no"])
                 .arg("--dir")
                 .arg(dir)
+                .args(extra(port))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -280,6 +288,32 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / hz)
+}
+
+/// CPU time (user + system, seconds) used so far by the live children of `pid` (e.g. a
+/// daemon's workers), read from /proc before they exit.
+pub fn children_cpu_secs(pid: u32) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let parent = pid.to_string();
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                stat.rfind(')')
+                    .and_then(|i| stat[i + 2..].split_whitespace().nth(1).map(|pp| pp == parent))
+                    .unwrap_or(false)
+            })
+        })
+        .filter_map(|p| {
+            // schedstat's first field: ns on a CPU (stat's ticks are too coarse for a
+            // worker's few milliseconds).
+            let s = std::fs::read_to_string(format!("/proc/{p}/schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .map(|ns| ns as f64 / 1e9)
+        .sum()
 }
 
 /// CPU time (user + system, seconds) of this process so far, not counting children.

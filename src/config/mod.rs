@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::redis::tls::TlsFiles;
+
 /// Environment variable whose value replaces `[redis] url`, so passwords can stay out of
 /// config files.
 pub(crate) const REDIS_URL_ENV: &str = "REDIS_STREAMD_REDIS_URL";
@@ -33,7 +35,7 @@ pub struct Config {
 }
 
 /// `[redis]`
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     /// `url`, or `REDIS_STREAMD_REDIS_URL` when set. May hold a password: never log it,
     /// use [`RedisConfig::redacted_url`].
@@ -41,6 +43,9 @@ pub struct RedisConfig {
     /// `connect_timeout`: give up (exit non-zero) when Redis is unreachable this long at
     /// start. `None` (the default) retries forever with backoff.
     pub connect_timeout: Option<Duration>,
+    /// `tls_ca_file`, `tls_cert_file`, `tls_key_file` as absolute paths, read and checked
+    /// (only set with a TLS URL).
+    pub tls: TlsFiles,
 }
 
 /// `[daemon]`
@@ -127,6 +132,7 @@ impl RedisConfig {
         RedisConfig {
             url: url.to_owned(),
             connect_timeout: Some(Duration::from_secs(10)),
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -269,7 +275,7 @@ impl Config {
 impl RedisConfig {
     /// The URL with any password replaced by `***`, safe for logs.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        crate::redis::url::redact(&self.url)
     }
 }
 
@@ -278,6 +284,7 @@ impl std::fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &self.redacted_url())
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -285,6 +292,7 @@ impl std::fmt::Debug for RedisConfig {
 mod locate;
 mod program;
 mod raw;
+mod redis_section;
 mod streams;
 mod validate;
 
@@ -324,7 +332,10 @@ impl Overrides {
 impl std::fmt::Debug for Overrides {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Overrides")
-            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::redis::url::redact),
+            )
             .field("consumer", &self.consumer)
             .field("path", &self.path)
             .field("hostname", &self.hostname)
@@ -345,23 +356,6 @@ fn display_argv(argv: &[String]) -> String {
         }
     };
     argv.iter().map(word).collect::<Vec<_>>().join(" ")
-}
-
-/// Replaces the password of `scheme://user:password@host...` with `***`.
-fn redact_url(url: &str) -> String {
-    // A string without "://" is scanned whole: a mistyped URL can carry a password too.
-    let rest_start = url.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = url.split_at(rest_start);
-    // The last '@' ends the user info. Cutting at the first '/' instead would leak a
-    // password containing an unencoded '/' or '@'; mangling an odd query is the lesser harm.
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
-    };
-    let (userinfo, host) = rest.split_at(at);
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{head}{user}:***{host}"),
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -496,6 +490,7 @@ handler = ["sh", "-c", "cat"]
             RedisConfig {
                 url: url.to_string(),
                 connect_timeout: None,
+                tls: TlsFiles::default(),
             }
             .redacted_url()
         };

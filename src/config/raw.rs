@@ -17,6 +17,9 @@ pub(super) struct RawConfig {
 pub(super) struct RawRedis {
     pub(super) url: Option<String>,
     pub(super) connect_timeout: Option<String>,
+    pub(super) tls_ca_file: Option<String>,
+    pub(super) tls_cert_file: Option<String>,
+    pub(super) tls_key_file: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -1,17 +1,14 @@
 //! The validation pass: from the file as written ([`RawConfig`]) to a [`Config`], with
 //! the defaults and every rule, each failure an error located at its key. This file has
-//! `[redis]`, `[daemon]` and the value checks every table uses; the `[[streams]]` tables
-//! are validated in `streams`.
+//! `[daemon]` and the value checks every table uses; `[redis]` is validated in
+//! `redis_section` and the `[[streams]]` tables in `streams`.
 
 use std::path::Path;
 use std::time::Duration;
 
 use super::locate::{KeyPath, Locator};
-use super::raw::{RawConfig, RawDaemon, RawRedis};
-use super::{
-    CONSUMER_ENV, Config, ConfigError, DaemonConfig, Overrides, REDIS_URL_ENV, RedisConfig,
-    redact_url,
-};
+use super::raw::{RawConfig, RawDaemon};
+use super::{CONSUMER_ENV, Config, ConfigError, DaemonConfig, Overrides};
 
 /// The longest duration any key accepts.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -48,32 +45,6 @@ impl Ctx<'_> {
             redis: self.redis(raw.redis.unwrap_or_default(), self.env.redis_url.clone())?,
             daemon: self.daemon(raw.daemon.unwrap_or_default())?,
             streams: self.streams(raw.streams.unwrap_or_default())?,
-        })
-    }
-
-    fn redis(&self, raw: RawRedis, env_url: Option<String>) -> Result<RedisConfig, ConfigError> {
-        let key = KeyPath::new("redis").key("url");
-        let from_env = env_url.is_some();
-        let url = env_url
-            .or(raw.url)
-            .ok_or_else(|| self.invalid(&key, format!("is required (or set {REDIS_URL_ENV})")))?;
-        check_url(&url).map_err(|why| {
-            // The file may be fine; say where the bad value really came from.
-            let why = if from_env {
-                format!("{REDIS_URL_ENV}: {why}")
-            } else {
-                why
-            };
-            self.invalid(&key, why)
-        })?;
-        let timeout_key = KeyPath::new("redis").key("connect_timeout");
-        let connect_timeout = raw
-            .connect_timeout
-            .map(|t| self.parse_duration(&timeout_key, &t))
-            .transpose()?;
-        Ok(RedisConfig {
-            url,
-            connect_timeout,
         })
     }
 
@@ -211,20 +182,6 @@ impl Ctx<'_> {
 
 pub(super) fn stream_key(i: usize, key: &str) -> KeyPath {
     KeyPath::new("streams").index(i).key(key)
-}
-
-fn check_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("redis://")
-        .or_else(|| url.strip_prefix("rediss://"));
-    match rest {
-        None => Err(format!(
-            "must start with redis:// or rediss:// (got {:?})",
-            redact_url(url)
-        )),
-        Some("") => Err("has no host after the scheme".to_string()),
-        Some(_) => Ok(()),
-    }
 }
 
 pub(super) fn check_env_var(name: &str, value: &str) -> Result<(), String> {
@@ -395,49 +352,6 @@ reap_idle = "2h"
         let (line, key, message) = invalid_from(Config::load(&write(&dir, &text), &no_host));
         assert_eq!((line, key.as_str()), (1, "daemon.consumer"));
         assert!(message.contains("set [daemon] consumer"), "{message}");
-    }
-
-    #[test]
-    fn redis_url_required() {
-        let text = "# comment\n\n[redis]\nconnect_timeout = \"5s\"\n\n[[streams]]\nname = \"a\"\ngroup = \"g\"\nhandler = [\"sh\"]\n";
-        assert_invalid(text, 3, "redis.url", REDIS_URL_ENV);
-        let no_table = "[[streams]]\nname = \"a\"\ngroup = \"g\"\nhandler = [\"sh\"]\n";
-        assert_invalid(no_table, 1, "redis.url", "is required");
-    }
-
-    #[test]
-    fn redis_url_scheme() {
-        let text = MINIMAL.replace("redis://127.0.0.1", "http://user:hunter2@127.0.0.1");
-        assert_invalid(
-            &text,
-            2,
-            "redis.url",
-            "must start with redis:// or rediss://",
-        );
-        let (_, _, message) = invalid(&text);
-        assert!(!message.contains("hunter2"), "{message}");
-        assert_invalid(
-            &MINIMAL.replace("redis://127.0.0.1:6379/0", "redis://"),
-            2,
-            "redis.url",
-            "no host",
-        );
-    }
-
-    #[test]
-    fn env_url_overrides_and_permits_missing_url() {
-        let c = load_text_env(MINIMAL, Some("rediss://:pw@env-host:6379")).expect("valid");
-        assert_eq!(c.redis.url, "rediss://:pw@env-host:6379");
-
-        let without_url = MINIMAL.replace("url = \"redis://127.0.0.1:6379/0\"\n", "");
-        let c = load_text_env(&without_url, Some("redis://env-host")).expect("valid");
-        assert_eq!(c.redis.url, "redis://env-host");
-
-        let (line, key, message) =
-            invalid_from(load_text_env(MINIMAL, Some("tcp://user:pw@env-host")));
-        assert_eq!((line, key.as_str()), (2, "redis.url"));
-        assert!(message.starts_with(REDIS_URL_ENV), "{message}");
-        assert!(!message.contains(":pw@"), "{message}");
     }
 
     #[test]

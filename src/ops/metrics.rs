@@ -87,6 +87,11 @@ struct StreamLabels {
 
 type DurationFamily = Family<StreamLabels, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrimaryLabels {
+    address: String,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
@@ -111,6 +116,8 @@ pub struct Metrics {
     group_lag: Family<StreamLabels, Gauge>,
     group_pending: Family<StreamLabels, Gauge>,
     redis_reconnects: Counter,
+    redis_failovers: Counter,
+    redis_primary: Family<PrimaryLabels, Gauge>,
     totals: Arc<Totals>,
 }
 
@@ -135,6 +142,8 @@ impl Metrics {
         let group_lag = Family::default();
         let group_pending = Family::default();
         let redis_reconnects = Counter::default();
+        let redis_failovers = Counter::default();
+        let redis_primary = Family::default();
 
         // Counters get their `_total` suffix from the encoder.
         registry.register(
@@ -219,6 +228,16 @@ impl Metrics {
             "Times a Redis connection was re-established",
             redis_reconnects.clone(),
         );
+        registry.register(
+            "redis_failovers",
+            "Primary changes followed: a Sentinel +switch-master of the monitored primary, or a Redis Cluster primary added or removed",
+            redis_failovers.clone(),
+        );
+        registry.register(
+            "redis_primary",
+            "1 for the primary in use behind Sentinel, by address (host:port)",
+            redis_primary.clone(),
+        );
 
         Arc::new(Metrics {
             registry,
@@ -238,6 +257,8 @@ impl Metrics {
             group_lag,
             group_pending,
             redis_reconnects,
+            redis_failovers,
+            redis_primary,
             totals: Arc::default(),
         })
     }
@@ -283,6 +304,21 @@ impl Metrics {
     /// `redis_streamd_redis_reconnects_total` + 1.
     pub fn redis_reconnect(&self) {
         self.redis_reconnects.inc();
+    }
+
+    /// `redis_streamd_redis_failovers_total` + 1.
+    pub fn redis_failover(&self) {
+        self.redis_failovers.inc();
+    }
+
+    /// `redis_streamd_redis_primary{address}`: 1 for `address`, no other series.
+    pub fn set_redis_primary(&self, address: &str) {
+        self.redis_primary.clear();
+        self.redis_primary
+            .get_or_create(&PrimaryLabels {
+                address: address.to_owned(),
+            })
+            .set(1);
     }
 
     /// The text exposition of every metric.

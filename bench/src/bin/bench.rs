@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use bench::cluster::BenchCluster;
 use bench::{
     Args, GroupInfo, RedisServer, Result, connect, median, now_ns, parse_group_info, payload,
     percentile, preload, proc_status_kib, terminate, text, wait_for_text,
@@ -111,6 +112,9 @@ async fn run_all(opts: &Opts) -> Result<()> {
     if opts.wants("4") || opts.wants("4b") {
         report("4b", worker(opts, wn, 100).await);
     }
+    if opts.wants("5") {
+        report("5", cluster_scale(opts, wn, 16).await);
+    }
     Ok(())
 }
 
@@ -149,9 +153,18 @@ fn toml_str(s: &str) -> String {
 }
 
 fn write_config(path: &Path, url: &str, streams: &[StreamSpec]) -> Result<()> {
+    write_config_as(path, url, "bench", streams)
+}
+
+/// [`write_config`] with another consumer name (several daemons sharing a group).
+fn write_config_as(path: &Path, url: &str, consumer: &str, streams: &[StreamSpec]) -> Result<()> {
     let mut toml = String::new();
     let _ = writeln!(toml, "[redis]\nurl = {}\n", toml_str(url));
-    let _ = writeln!(toml, "[daemon]\nconsumer = \"bench\"\nshutdown_timeout = \"10s\"\n");
+    let _ = writeln!(
+        toml,
+        "[daemon]\nconsumer = {}\nshutdown_timeout = \"10s\"\n",
+        toml_str(consumer)
+    );
     for s in streams {
         let handler: Vec<String> = s.handler.iter().map(|a| toml_str(a)).collect();
         let _ = writeln!(
@@ -890,4 +903,234 @@ async fn worker(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
         verdict(m(0) >= 50_000.0),
         verdict(m(2) >= 0.5)
     ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario 5: 1, 2 and 4 daemons sharing a group on a 3-primary Cluster (worker mode)
+
+/// Does this daemon build take `redis-cluster://` URLs? (`--check`, no Redis needed.)
+fn daemon_has_cluster_urls(opts: &Opts, dir: &Path) -> Result<bool> {
+    let config = dir.join("probe-cluster.toml");
+    write_config(
+        &config,
+        "redis-cluster://127.0.0.1:1?node=127.0.0.1:2",
+        &[StreamSpec {
+            name: "probe".to_owned(),
+            handler: vec![opts.bin.join("ok-worker").to_string_lossy().into_owned()],
+            max_block_read: 1,
+            start_id: "0",
+            extra: "mode = \"worker\"\n".to_owned(),
+        }],
+    )?;
+    let out = Command::new(&opts.daemon)
+        .arg("--config")
+        .arg(&config)
+        .arg("--check")
+        .output()?;
+    Ok(out.status.success())
+}
+
+/// One stream per primary, `n` entries in all preloaded (each on its owner, group at 0);
+/// returns (stream, last id, a client of its owner).
+async fn cluster_preload(
+    cluster: &BenchCluster,
+    prefix: &str,
+    n: usize,
+) -> Result<Vec<(String, String, Client)>> {
+    let names = cluster.stream_per_node(prefix);
+    let mut out = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let client = connect(&cluster.owner(name).url()).await?;
+        let share = n / names.len() + usize::from(i < n % names.len());
+        let last = preload(&client, name, "payload", &payload(PAYLOAD_BYTES), share).await?;
+        let _: Value = client.xgroup_create(name.as_str(), GROUP, "0", false).await?;
+        out.push((name.clone(), last, client));
+    }
+    Ok(out)
+}
+
+/// What one scenario-5 measurement gives: entries/s, and CPU seconds used meanwhile by
+/// the daemons, their workers and the redis-servers.
+struct ClusterRun {
+    rate: f64,
+    daemons_cpu: f64,
+    workers_cpu: f64,
+    redis_cpu: f64,
+}
+
+fn redis_cpu(cluster: &BenchCluster) -> f64 {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| bench::proc_cpu_secs(n.pid()).unwrap_or(f64::NAN))
+        .sum()
+}
+
+/// `k` daemons (consumers bench-0 ..) sharing the group of one stream per primary, worker
+/// mode, from their start to the last XACK.
+async fn cluster_daemons(
+    opts: &Opts,
+    dir: &Path,
+    cluster: &BenchCluster,
+    n: usize,
+    k: usize,
+    mbr: usize,
+) -> Result<ClusterRun> {
+    let streams = cluster_preload(cluster, &format!("w{k}"), n).await?;
+    let specs: Vec<StreamSpec> = streams
+        .iter()
+        .map(|(name, _, _)| StreamSpec {
+            name: name.clone(),
+            handler: vec![opts.bin.join("ok-worker").to_string_lossy().into_owned()],
+            max_block_read: mbr,
+            start_id: "0",
+            extra: "mode = \"worker\"\n".to_owned(),
+        })
+        .collect();
+    let mut configs = Vec::new();
+    for j in 0..k {
+        let config = dir.join(format!("cluster-{k}-{j}.toml"));
+        write_config_as(&config, &cluster.url(), &format!("bench-{j}"), &specs)?;
+        configs.push(config);
+    }
+    let redis_before = redis_cpu(cluster);
+    let started = Instant::now();
+    let mut daemons = Vec::new();
+    for (j, config) in configs.iter().enumerate() {
+        daemons.push(Daemon::start(opts, config, &dir.join(format!("cluster-{k}-{j}.log")))?);
+    }
+    let mut done = started;
+    for (name, last, client) in &streams {
+        let target = [(name.clone(), last.clone())];
+        done = wait_all_acked(client, &target, Duration::from_millis(5), Duration::from_secs(300))
+            .await
+            .map_err(|e| format!("{e}; daemon log: {}", daemons[0].log_tail()))?;
+    }
+    let secs = done.duration_since(started).as_secs_f64();
+    let redis_cpu = redis_cpu(cluster) - redis_before;
+    let daemons_cpu: f64 = daemons
+        .iter()
+        .map(|d| bench::proc_cpu_secs(d.pid()).unwrap_or(f64::NAN))
+        .sum();
+    let workers_cpu: f64 = daemons.iter().map(|d| bench::children_cpu_secs(d.pid())).sum();
+    for d in daemons {
+        d.stop()?;
+    }
+    for (name, _, client) in &streams {
+        let dead: u64 = client.xlen(format!("{name}:dlq")).await?;
+        if dead > 0 {
+            return Err(format!("{dead} entries of {name} went to the DLQ").into());
+        }
+        let _: i64 = client.del(name.as_str()).await?;
+        let _ = client.quit().await;
+    }
+    Ok(ClusterRun {
+        rate: n as f64 / secs,
+        daemons_cpu,
+        workers_cpu,
+        redis_cpu,
+    })
+}
+
+/// The Redis ceiling of the cluster: one `redis-ceiling` per primary at once, each on its
+/// own stream and node; entries/s from their start to the last one's exit.
+async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Result<f64> {
+    let streams = cluster_preload(cluster, "ceiling", n).await?;
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for (name, _, _) in &streams {
+        let share = n / streams.len() + usize::from(children.len() < n % streams.len());
+        let child = Command::new(opts.bin.join("redis-ceiling"))
+            .args(["--url", &cluster.owner(name).url(), "--stream", name, "--group", GROUP])
+            .args(["--count", &share.to_string(), "--batch", "100"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("redis-ceiling: {e}"))?;
+        children.push(child);
+    }
+    for child in children {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(format!("redis-ceiling failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for (name, _, client) in &streams {
+        let _: i64 = client.del(name.as_str()).await?;
+        let _ = client.quit().await;
+    }
+    Ok(n as f64 / secs)
+}
+
+async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
+    let probe = run_dir(opts, "s5-probe")?;
+    if !daemon_has_cluster_urls(opts, &probe)? {
+        return Ok("cluster: skipped: this daemon does not take redis-cluster:// URLs".to_owned());
+    }
+    // Per run: 1, 2 and 4 daemons (order reversed every other run), then the ceiling.
+    // Row: rates (1, 2, 4, ceiling), ratios (2/1, 4/1, 1/ceiling), then per k the CPU
+    // microseconds per entry of daemons, workers and redis-servers.
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    for run in 0..opts.runs {
+        let dir = run_dir(opts, &format!("s5-{run}"))?;
+        let cluster = BenchCluster::start(&dir, 3).await?;
+        let order: [usize; 3] = if run.is_multiple_of(2) { [1, 2, 4] } else { [4, 2, 1] };
+        let mut m: [Option<ClusterRun>; 3] = [None, None, None];
+        for k in order {
+            m[k.trailing_zeros() as usize] =
+                Some(cluster_daemons(opts, &dir, &cluster, n, k, mbr).await?);
+        }
+        let ceiling = cluster_ceiling(opts, &cluster, n).await?;
+        let m: Vec<ClusterRun> = m.into_iter().flatten().collect();
+        let us = |s: f64| s * 1e6 / n as f64;
+        let mut row = vec![m[0].rate, m[1].rate, m[2].rate, ceiling];
+        row.extend([m[1].rate / m[0].rate, m[2].rate / m[0].rate, m[0].rate / ceiling]);
+        for r in &m {
+            row.extend([us(r.daemons_cpu), us(r.workers_cpu), us(r.redis_cpu)]);
+        }
+        eprintln!(
+            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+            run + 1,
+            row[0],
+            row[1],
+            row[2],
+            row[4],
+            row[5],
+            row[6],
+            cpu_breakdown(&row)
+        );
+        rows.push(row);
+    }
+    let med: Vec<f64> = (0..rows[0].len())
+        .map(|i| median(&rows.iter().map(|r| r[i]).collect::<Vec<_>>()))
+        .collect();
+    let r = |i: usize| list(&rows.iter().map(|f| f[i]).collect::<Vec<_>>(), 3);
+    Ok(format!(
+        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+        med[0],
+        med[1],
+        med[2],
+        med[3],
+        med[4],
+        r(4),
+        med[5],
+        r(5),
+        med[6],
+        cpu_breakdown(&med)
+    ))
+}
+
+/// `1: a+b+c=t  2: ...  4: ...` from a scenario-5 row.
+fn cpu_breakdown(row: &[f64]) -> String {
+    [1, 2, 4]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let c = &row[7 + 3 * i..10 + 3 * i];
+            format!("{k}: {:.1}+{:.1}+{:.1}={:.1}", c[0], c[1], c[2], c.iter().sum::<f64>())
+        })
+        .collect::<Vec<_>>()
+        .join("  ")
 }
