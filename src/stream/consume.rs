@@ -222,9 +222,10 @@ impl StreamLoop {
     }
 
     /// Runs until shutdown, then waits for running handlers and the last acks.
-    pub async fn run(self, shutdown: Shutdown) {
+    /// (Not an `async fn`: that would keep a second copy of the loop in the task.)
+    pub fn run(self, shutdown: Shutdown) -> impl std::future::Future<Output = ()> + Send {
         let span = self.span.clone();
-        self.consume(shutdown).instrument(span).await;
+        self.consume(shutdown).instrument(span)
     }
 
     async fn consume(mut self, shutdown: Shutdown) {
@@ -291,7 +292,14 @@ impl StreamLoop {
 
     pub(super) fn handle(&mut self, event: Event) {
         match event {
-            Event::Done(done) => self.finished(done),
+            Event::Done(done) => {
+                self.finished(done);
+                // Reports come in bursts (a worker's pipelined replies, a batch of
+                // handlers): settle what is queued now, not one select round each.
+                while let Ok(done) = self.done_rx.try_recv() {
+                    self.finished(done);
+                }
+            }
             Event::Claimed(Ok(claimed)) => self.claimed(claimed),
             Event::Written(Ok(id)) => {
                 self.busy.remove(&id);
@@ -579,6 +587,31 @@ mod tests {
         let summary: Vec<fred::types::Value> =
             client.xpending("s", "g", ()).await.expect("XPENDING");
         summary.first().and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
+    }
+
+    /// An idle loop's task is as large as its largest state, for every configured stream:
+    /// rarely taken paths (and fred's large command futures) are boxed to keep it small.
+    #[tokio::test]
+    async fn an_idle_loop_task_stays_small() {
+        let server = RedisServer::start();
+        let redis_cfg = RedisConfig::for_tests(&server.url());
+        let shutdown = Shutdown::new();
+        let commands = redis::connect(&redis_cfg, shutdown.stop_token())
+            .await
+            .expect("connect");
+        let reader = commands.clone_new();
+        let metrics = Metrics::new();
+        let hooks = LoopHooks {
+            metrics: metrics.stream("s", "g"),
+            health: Health::new(1),
+            liveness: Liveness::new(),
+            sample_group: false,
+        };
+        let cfg = StreamConfig::for_tests(&["/bin/true"]);
+        let stream_loop = StreamLoop::new(cfg, "t", commands, reader, &shutdown, hooks);
+        let task = stream_loop.run(shutdown);
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 6 * 1024, "the loop's future takes {size} bytes");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

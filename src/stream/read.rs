@@ -65,12 +65,10 @@ impl StreamLoop {
             permits.push(more);
         }
         if self.executor.batches_reads() && !(self.claims.is_empty() && self.writes.is_empty()) {
-            gather_slots(
-                &self.slots,
-                &mut permits,
-                self.executor.slot_count().div_ceil(2),
-            )
-            .await;
+            // Boxed, as every rarely taken path here: an idle loop's task is as large as
+            // its largest state.
+            let want = self.executor.slot_count().div_ceil(2);
+            Box::pin(gather_slots(&self.slots, &mut permits, want)).await;
         }
         self.start_due_retries(&mut permits);
         self.start_ready(&mut permits);
@@ -92,7 +90,7 @@ impl StreamLoop {
         if count == 0 {
             if !permits.is_empty() {
                 // Every slot could run, but the waiting room is full: wait for a change.
-                return self.wait_for_room(shutdown, waits).await;
+                return Box::pin(self.wait_for_room(shutdown, waits)).await;
             }
             return true;
         }
@@ -166,7 +164,7 @@ impl StreamLoop {
                 _ = waits.beat.tick() => waits.alive.beat(),
                 _ = sleep_until_some(wake_at) => {
                     wake_at = None;
-                    self.reader.unblock().await;
+                    Box::pin(self.reader.unblock()).await;
                 }
             }
             if let (Some(ends), Some(due)) = (ends, self.retries.next_due())
