@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides, StreamConfig};
 use crate::exec::KILL_GRACE;
-use crate::ops::metrics::{self, Health, Metrics};
+use crate::ops::http::{self, Health};
+use crate::ops::metrics::Metrics;
 use crate::ops::notify::{self, Liveness};
 use crate::ops::shutdown::Shutdown;
 use crate::redis::{self, RedisError};
@@ -152,7 +153,7 @@ async fn serve_metrics(
         .await
         .map_err(|source| DaemonError::MetricsListen { addr, source })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(metrics::serve(
+    tokio::spawn(http::serve(
         listener,
         metrics.clone(),
         health.clone(),
