@@ -87,6 +87,8 @@ pub struct Metrics {
     order_waiting: Family<StreamLabels, Gauge>,
     order_keys: Family<StreamLabels, Gauge>,
     order_unkeyed: Family<StreamLabels, Counter>,
+    order_handovers: Family<StreamLabels, Counter>,
+    order_takeovers: Family<StreamLabels, Counter>,
     order_wait: DurationFamily,
     handler_duration: DurationFamily,
     in_flight: Family<StreamLabels, Gauge>,
@@ -109,6 +111,8 @@ impl Metrics {
         let order_waiting = Family::default();
         let order_keys = Family::default();
         let order_unkeyed = Family::default();
+        let order_handovers = Family::default();
+        let order_takeovers = Family::default();
         let order_wait: DurationFamily =
             Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let handler_duration: DurationFamily =
@@ -169,6 +173,16 @@ impl Metrics {
             "Entries of an ordered stream without an ordering key (run unordered)",
             order_unkeyed.clone(),
         );
+        registry.register(
+            "order_handovers",
+            "Entries this consumer read and handed over to the consumer holding their key (order_scope = \"group\")",
+            order_handovers.clone(),
+        );
+        registry.register(
+            "order_takeovers",
+            "Keys this consumer took over, with their pending entries, from a consumer whose hold was not renewed within claim_idle (order_scope = \"group\")",
+            order_takeovers.clone(),
+        );
         registry.register_with_unit(
             "order_wait",
             "Time entries waited behind an earlier entry with the same ordering key",
@@ -214,6 +228,8 @@ impl Metrics {
             order_waiting,
             order_keys,
             order_unkeyed,
+            order_handovers,
+            order_takeovers,
             order_wait,
             handler_duration,
             in_flight,
@@ -243,6 +259,8 @@ impl Metrics {
             order_waiting: self.order_waiting.get_or_create_owned(&labels),
             order_keys: self.order_keys.get_or_create_owned(&labels),
             order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
+            order_handovers: self.order_handovers.get_or_create_owned(&labels),
+            order_takeovers: self.order_takeovers.get_or_create_owned(&labels),
             order_wait: self.order_wait.get_or_create_owned(&labels),
             handler_duration: self.handler_duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
@@ -302,6 +320,8 @@ pub struct StreamMetrics {
     order_waiting: Gauge,
     order_keys: Gauge,
     order_unkeyed: Counter,
+    order_handovers: Counter,
+    order_takeovers: Counter,
     order_wait: Histogram,
     handler_duration: Histogram,
     in_flight: Gauge,
@@ -357,6 +377,16 @@ impl StreamMetrics {
     /// `redis_streamd_order_unkeyed_total` + 1.
     pub fn order_unkeyed(&self) {
         self.order_unkeyed.inc();
+    }
+
+    /// `redis_streamd_order_handovers_total` + 1.
+    pub fn order_handed_over(&self) {
+        self.order_handovers.inc();
+    }
+
+    /// `redis_streamd_order_takeovers_total` + n.
+    pub fn order_taken_over(&self, n: u64) {
+        self.order_takeovers.inc_by(n);
     }
 
     /// One observation of `redis_streamd_order_wait_seconds`.

@@ -8,8 +8,11 @@
 //! state and never waits on Redis while entries are waiting to be settled.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::{JoinError, JoinSet};
@@ -27,6 +30,8 @@ use crate::ops::shutdown::Shutdown;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::stream::ack::{AckTask, Acker};
 use crate::stream::dlq::{self, Failure};
+use crate::stream::group::Group;
+use crate::stream::lease::Lease;
 use crate::stream::order::{Admitted, Order};
 use crate::stream::recovery::{self, Claimed};
 use crate::stream::retry::{Retry, RetryQueue};
@@ -67,6 +72,8 @@ pub(super) enum Busy {
     Running(Entry),
     /// Its DLQ write is under way.
     DeadLettering,
+    /// Waiting for the lease `admit` step (`order_scope = "group"`).
+    Admitting,
 }
 
 /// The timers whose ticks become [`Event`]s (they also run while a read blocks).
@@ -86,7 +93,7 @@ impl Timers {
 }
 
 /// What a read waits with: the event timers and the watchdog beat.
-struct Waits<'a> {
+pub(super) struct Waits<'a> {
     timers: &'a mut Timers,
     beat: &'a mut Interval,
     alive: &'a Heartbeat,
@@ -106,6 +113,9 @@ enum Event {
     Sample,
     /// A refresh or a sample finished (each logs its own trouble).
     Chore,
+    /// A lease renewal finished: keys found in another consumer's hands, each with the
+    /// entry that held it here when asked (`order_scope = "group"`).
+    Renewed(Result<Vec<(Bytes, String)>, JoinError>),
 }
 
 /// One stream's consume loop, ready to run.
@@ -118,7 +128,7 @@ pub struct StreamLoop {
     executor: Arc<Executor>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Entries this stream may hold (owned and sized by the executor).
-    slots: Arc<Semaphore>,
+    pub(super) slots: Arc<Semaphore>,
     pub(super) acker: Acker,
     ack_task: AckTask,
     /// Reconnects of the reader's connection (see [`StreamLoop::recover_lost`]).
@@ -135,6 +145,8 @@ pub struct StreamLoop {
     pub(super) retries: RetryQueue,
     /// Per-key order (`order_by`): entries waiting behind their key.
     pub(super) order: Option<Order>,
+    /// `order_scope = "group"`: keys held across the group.
+    pub(super) group: Option<Group>,
     claims: JoinSet<Claimed>,
     writes: JoinSet<String>,
     /// Refreshes and samples: dropped (aborted) when the loop ends.
@@ -145,8 +157,8 @@ pub struct StreamLoop {
     claim_cursor: Option<String>,
     /// Set when the reader's connection was lost: a read's reply may have been lost
     /// with it, after Redis delivered the entries to us.
-    lost_scan: bool,
-    read_backoff: Backoff,
+    pub(super) lost_scan: bool,
+    pub(super) read_backoff: Backoff,
     /// Set once the loop stops reading: nothing new starts.
     stopping: bool,
 }
@@ -166,10 +178,11 @@ impl StreamLoop {
         let span = tracing::info_span!("stream", stream = %who.stream, group = %who.group, consumer = %who.name);
         // Tasks the acker and the executor start belong to this stream's span.
         let _in_span = span.enter();
+        let lease = Lease::new(&cfg, &who, reader.clone(), commands.clone());
         let cmds = StreamCommands::new(commands, who.clone());
         let reader = StreamCommands::new(reader, who.clone());
         let reconnects = reader.reconnects();
-        let (acker, ack_task) = Acker::spawn(cmds.clone(), hooks.metrics.clone());
+        let (acker, ack_task) = Acker::spawn(cmds.clone(), lease.clone(), hooks.metrics.clone());
         let abort = shutdown.abort_token().clone();
         let (executor, done_rx) = Executor::new(&cfg, &who, abort.clone());
         drop(_in_span);
@@ -194,6 +207,7 @@ impl StreamLoop {
                 .order
                 .as_ref()
                 .map(|o| Order::new(o.key.clone(), &cfg.payload_field, o.waiting_max)),
+            group: lease.map(Group::new),
             claims: JoinSet::new(),
             writes: JoinSet::new(),
             chores: JoinSet::new(),
@@ -301,6 +315,7 @@ impl StreamLoop {
             Some(claimed) = self.claims.join_next(), if !self.claims.is_empty() => Event::Claimed(claimed),
             Some(written) = self.writes.join_next(), if !self.writes.is_empty() => Event::Written(written),
             Some(_) = self.chores.join_next(), if !self.chores.is_empty() => Event::Chore,
+            Some(renewed) = Group::next_renewal(&mut self.group) => Event::Renewed(renewed),
             _ = timers.refresh.tick() => Event::Refresh,
             _ = timers.sample.tick(), if self.sample_group => Event::Sample,
         }
@@ -312,7 +327,9 @@ impl StreamLoop {
             Event::Claimed(Ok(claimed)) => self.claimed(claimed),
             Event::Written(Ok(id)) => {
                 self.busy.remove(&id);
-                self.released(&id);
+                if let Some(key) = self.released(&id) {
+                    self.acker.release(id, key);
+                }
             }
             Event::Claimed(Err(error)) | Event::Written(Err(error)) => {
                 // Claims are cancelled on purpose when the loop stops.
@@ -323,6 +340,12 @@ impl StreamLoop {
             Event::Refresh => self.refresh(),
             Event::Sample => self.sample(),
             Event::Chore => {}
+            Event::Renewed(Ok(lost)) => self.leases_lost(lost),
+            Event::Renewed(Err(error)) => {
+                if !error.is_cancelled() {
+                    tracing::error!(%error, "lease renewal task failed");
+                }
+            }
         }
     }
 
@@ -357,6 +380,10 @@ impl StreamLoop {
         {
             self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
         }
+        // Group scope: entries recovered or claimed above are decided before the read.
+        if !Box::pin(self.admit_deferred(shutdown, waits)).await {
+            return false;
+        }
         // With per-key order, a read may bring entries that wait behind their key: read
         // no more than there is room for them.
         let count = match &self.order {
@@ -369,6 +396,9 @@ impl StreamLoop {
                 return self.wait_for_room(shutdown, waits).await;
             }
             return true;
+        }
+        if self.group.is_some() && self.backlog_cursor.is_none() {
+            return Box::pin(self.group_read(count, &mut permits, shutdown, waits)).await;
         }
         let Some(read) = self.read(count, shutdown, waits).await else {
             return false;
@@ -424,10 +454,24 @@ impl StreamLoop {
             Some(cursor) => (cursor.clone(), None),
             None => (">".to_owned(), Some(self.block_for())),
         };
-        let ends = block.map(|block| Instant::now() + block);
         let reader = self.reader.clone();
+        let read = async move { reader.read(count, block, &id).await };
+        self.on_reader(read, block, shutdown, waits).await
+    }
+
+    /// Waits for `call` on the reader's connection, handling reports, background steps
+    /// and timers meanwhile; `block` is how long it may block in Redis, if it does (see
+    /// [`StreamLoop::read`]). `None` at shutdown.
+    pub(super) async fn on_reader<T>(
+        &mut self,
+        call: impl Future<Output = T>,
+        block: Option<Duration>,
+        shutdown: &Shutdown,
+        waits: &mut Waits<'_>,
+    ) -> Option<T> {
+        let ends = block.map(|block| Instant::now() + block);
         // Boxed: an idle loop waits here, and its task is as large as this state.
-        let mut read = Box::pin(async move { reader.read(count, block, &id).await });
+        let mut read = Box::pin(call);
         let mut wake_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -485,6 +529,9 @@ impl StreamLoop {
             return;
         };
         self.metrics.read(1);
+        if self.group.is_some() {
+            return self.defer_admission(entry, attempt, slot);
+        }
         let Some(order) = &mut self.order else {
             return self.start(entry, attempt, slot);
         };
@@ -508,16 +555,21 @@ impl StreamLoop {
     }
 
     /// The entry `id` is settled for good (acked, dead-lettered, deleted, or another
-    /// consumer's now): the next entry of its key, if any, may run.
-    fn released(&mut self, id: &str) {
-        if let Some(order) = &mut self.order {
-            order.settled(id);
-            self.start_ready(&mut Vec::new());
-        }
+    /// consumer's now): the next entry of its key, if any, may run. In group scope,
+    /// returns the key it held, to release from the key's lease in Redis.
+    fn released(&mut self, id: &str) -> Option<Bytes> {
+        let order = self.order.as_mut()?;
+        let key = match &self.group {
+            Some(_) => order.key_held_by(id).cloned(),
+            None => None,
+        };
+        order.settled(id);
+        self.start_ready(&mut Vec::new());
+        key
     }
 
     /// Starts entries whose key came free, with `permits` first, then free slots.
-    fn start_ready(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
+    pub(super) fn start_ready(&mut self, permits: &mut Vec<OwnedSemaphorePermit>) {
         while !self.stopping {
             let Some(order) = &mut self.order else { return };
             if !order.has_ready() {
@@ -540,14 +592,14 @@ impl StreamLoop {
     }
 
     /// Updates the ordering gauges.
-    fn order_changed(&self) {
+    pub(super) fn order_changed(&self) {
         if let Some(order) = &self.order {
             self.metrics.set_order(order.waiting(), order.keys_held());
         }
     }
 
     /// Starts attempt `attempt` at `entry` with `slot`, or settles it when it cannot run.
-    fn start(&mut self, entry: Entry, attempt: u64, slot: OwnedSemaphorePermit) {
+    pub(super) fn start(&mut self, entry: Entry, attempt: u64, slot: OwnedSemaphorePermit) {
         match settle::admit(&self.cfg, &entry, attempt) {
             Admit::Run(payload) => {
                 self.metrics.in_flight_inc();
@@ -561,12 +613,12 @@ impl StreamLoop {
             }
             Admit::Deleted => {
                 self.busy.remove(&entry.id);
-                self.released(&entry.id);
+                let key = self.released(&entry.id);
                 self.deleted(
                     &entry.id,
                     "entry was deleted from the stream while pending; acking it away",
                 );
-                self.acker.ack(entry.id);
+                self.acker.ack_and_release(entry.id, key);
             }
             // The slot is held until the write is done, as a run would hold it.
             Admit::DeadLetter(failure) => self.dead_letter(entry, failure, Some(slot)),
@@ -590,8 +642,8 @@ impl StreamLoop {
                 // debug, not info: one line per success is most of a busy daemon's log
                 // volume and measurable per-entry cost; successes are counted in metrics.
                 tracing::debug!(%id, attempt, elapsed_ms, "handled");
-                self.released(&id);
-                self.acker.ack(id);
+                let key = self.released(&id);
+                self.acker.ack_and_release(id, key);
             }
             Settle::KeepPending => {
                 tracing::warn!(%id, attempt, elapsed_ms, "handler terminated by shutdown; entry stays pending");
@@ -683,15 +735,19 @@ impl StreamLoop {
             }
             Claimed::Gone { id } => {
                 self.busy.remove(&id);
-                self.released(&id);
                 self.deleted(
                     &id,
                     "entry was deleted from the stream while waiting for its retry",
                 );
+                if let Some(key) = self.released(&id) {
+                    self.acker.release(id, key);
+                }
             }
             Claimed::NotOurs { id } => {
                 self.busy.remove(&id);
-                self.released(&id);
+                if let Some(key) = self.released(&id) {
+                    self.acker.release(id, key);
+                }
             }
             Claimed::Failed { id } => {
                 self.busy.remove(&id);
@@ -713,6 +769,8 @@ impl StreamLoop {
         if let Some(order) = &self.order {
             ids.extend(order.waiting_ids().cloned());
         }
+        // Group scope: entries of held keys are kept fresh with their leases.
+        self.renew_leases(&mut ids);
         ids.extend(self.acker.unconfirmed());
         if ids.is_empty() {
             return;
@@ -749,7 +807,7 @@ impl StreamLoop {
 
     /// How long the next `>` read may block: `block`, but no longer than until the next
     /// retry is due.
-    fn block_for(&mut self) -> Duration {
+    pub(super) fn block_for(&mut self) -> Duration {
         let block = self.cfg.block;
         match self.retries.next_due() {
             Some(due) => block
@@ -770,7 +828,7 @@ impl StreamLoop {
         }
     }
 
-    async fn read_failed(&mut self, error: RedisError, shutdown: &Shutdown) {
+    pub(super) async fn read_failed(&mut self, error: RedisError, shutdown: &Shutdown) {
         let delay = self.read_backoff.fail();
         if error.is_nogroup() {
             tracing::warn!("consumer group is gone (NOGROUP); recreating it");
@@ -794,9 +852,15 @@ impl StreamLoop {
         // pending, and the next start (or another consumer's claim) runs them.
         self.retries.clear();
         self.claims.abort_all();
-        self.busy.retain(|_, b| !matches!(b, Busy::Claiming));
+        self.busy
+            .retain(|_, b| !matches!(b, Busy::Claiming | Busy::Admitting));
+        let held_keys = self.stop_holding();
         if let Some(order) = &mut self.order {
-            let waiting = order.clear();
+            let waiting = match self.group {
+                // Running entries keep their keys until settled: their acks release them.
+                Some(_) => order.clear_waiting(),
+                None => order.clear(),
+            };
             if waiting > 0 {
                 tracing::info!(
                     waiting,
@@ -828,6 +892,7 @@ impl StreamLoop {
             acker,
             ack_task,
             reader,
+            group,
             ..
         } = self;
         // Dropping the last Acker lets the ack task flush and end.
@@ -840,6 +905,9 @@ impl StreamLoop {
             );
         }
         let goodbye = async {
+            if let Some(group) = &group {
+                group.expire(held_keys).await;
+            }
             recovery::leave_group_if_idle(&cmds).await;
             reader.quit().await;
         };

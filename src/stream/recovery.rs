@@ -30,7 +30,7 @@ pub(super) fn in_hand(
 }
 
 impl StreamLoop {
-    fn is_in_hand(&self, id: &str) -> bool {
+    pub(super) fn is_in_hand(&self, id: &str) -> bool {
         in_hand(
             id,
             |id| {
