@@ -461,3 +461,314 @@ fn unexpected(step: &'static str, value: &Value) -> RedisError {
         reply,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HandlerMode, OrderConfig, PayloadMode};
+    use fred::prelude::{Builder, ClientLike, Config as FredConfig};
+    use fred::types::{ClusterHash, CustomCommand};
+    use std::process::{Child, Command, Stdio};
+
+    #[test]
+    fn prefixes_share_the_streams_slot() {
+        assert_eq!(slot_prefix("orders"), "{orders}");
+        assert_eq!(slot_prefix("{orders}"), "{orders}");
+        assert_eq!(slot_prefix("eu{orders}:in"), "eu{orders}:in");
+        // An empty tag is no tag: the whole name is hashed, so it is wrapped.
+        assert_eq!(slot_prefix("a{}b"), "{a{}b}");
+        assert_eq!(slot_prefix("a{b"), "{a{b}");
+    }
+
+    #[test]
+    fn pointer_tokens_are_unescaped() {
+        assert!(pointer_tokens("").is_empty());
+        assert_eq!(pointer_tokens("/a/b"), ["a", "b"]);
+        assert_eq!(pointer_tokens("/a~1b/~0/"), ["a/b", "~", ""]);
+        assert_eq!(pointer_tokens("/~01"), ["~1"]);
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        assert!(parse_read(Value::Integer(1)).is_err());
+        let bad_row = Value::Array(vec![Value::Array(vec![Value::Array(vec![Value::from(
+            "1-0",
+        )])])]);
+        assert!(parse_read(bad_row.clone()).is_err());
+        assert!(parse_admit(bad_row).is_err());
+        let bad_code = Value::Array(vec![Value::Array(vec![Value::Array(vec![
+            Value::from("1-0"),
+            Value::Null,
+            Value::from("maybe"),
+            Value::Null,
+        ])])]);
+        assert!(parse_admit(bad_code).is_err());
+        assert!(parse_read(Value::Null).is_ok_and(|r| r.read.is_empty() && r.tail.is_none()));
+    }
+
+    /// A throwaway redis-server, killed on drop.
+    struct Redis {
+        child: Child,
+        port: u16,
+    }
+
+    impl Redis {
+        fn start() -> Redis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (Debian package redis-server)");
+            Redis { child, port }
+        }
+
+        async fn client(&self) -> Client {
+            let url = format!("redis://127.0.0.1:{}", self.port);
+            for _ in 0..200 {
+                let client = Builder::from_config(FredConfig::from_url(&url).expect("url"))
+                    .build()
+                    .expect("client");
+                if client.init().await.is_ok() {
+                    return client;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("redis-server on port {} did not come up", self.port);
+        }
+    }
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn cfg(key: OrderKey) -> StreamConfig {
+        StreamConfig {
+            name: "s".into(),
+            group: "g".into(),
+            handler: vec!["/bin/true".into()],
+            mode: HandlerMode::Exec,
+            max_block_read: 4,
+            worker_prefetch: 1,
+            block: Duration::from_secs(5),
+            start_id: "0".into(),
+            payload: PayloadMode::Field,
+            payload_field: "payload".into(),
+            handler_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(3),
+            dlq: "s:dlq".into(),
+            dlq_exit_codes: vec![],
+            env: Default::default(),
+            claim_interval: Duration::from_secs(30),
+            claim_idle: Duration::from_secs(60),
+            reap_idle: Duration::from_secs(3600),
+            order: Some(OrderConfig {
+                key,
+                scope: OrderScope::Group,
+                waiting_max: 100,
+            }),
+        }
+    }
+
+    fn lease(client: &Client, cfg: &StreamConfig, name: &str) -> Lease {
+        let who = Consumer::new(&cfg.name, &cfg.group, name);
+        Lease::new(cfg, &who, client.clone(), client.clone()).expect("group scope")
+    }
+
+    async fn add(c: &Client, fields: &[(&str, &str)]) -> String {
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        c.xadd("s", false, None::<()>, "*", fields)
+            .await
+            .expect("XADD")
+    }
+
+    async fn owner(c: &Client, id: &str) -> (String, u64) {
+        let rows: Vec<(String, String, u64, u64)> =
+            c.xpending("s", "g", (id, id, 1)).await.expect("XPENDING");
+        let row = rows.into_iter().next().expect("pending");
+        (row.1, row.3)
+    }
+
+    async fn keys(c: &Client, pattern: &str) -> Vec<String> {
+        let cmd = CustomCommand::new_static("KEYS", ClusterHash::FirstKey, false);
+        let mut found: Vec<String> = c.custom(cmd, vec![pattern]).await.expect("KEYS");
+        found.sort();
+        found
+    }
+
+    fn ids<'a>(arrivals: impl IntoIterator<Item = &'a Arrival>) -> Vec<&'a str> {
+        arrivals.into_iter().map(|a| a.entry.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn steps_hand_over_take_over_and_leave_nothing_behind() {
+        let redis = Redis::start();
+        let c = redis.client().await;
+        let _: Value = c.xgroup_create("s", "g", "0", true).await.expect("group");
+        let cfg = cfg(OrderKey::Field("k".into()));
+        let (a, b) = (lease(&c, &cfg, "a"), lease(&c, &cfg, "b"));
+        let e1 = add(&c, &[("k", "x"), ("payload", "1")]).await;
+        let e2 = add(&c, &[("k", "x"), ("payload", "2")]).await;
+        let e3 = add(&c, &[("k", "y"), ("payload", "3")]).await;
+        let e4 = add(&c, &[("payload", "4")]).await;
+
+        let r = a.read(1, 10).await.expect("a reads");
+        assert_eq!(r.read[0].0.entry.id, e1);
+        assert_eq!(r.read[0].1, Decision::Mine);
+        assert_eq!(r.read[0].0.key.as_deref(), Some(&b"x"[..]));
+        // b reads e2 (key x, held by a: handed over), e3 (y: b's), e4 (no key).
+        let r = b.read(10, 10).await.expect("b reads");
+        let got: Vec<(&str, &Decision)> = r
+            .read
+            .iter()
+            .map(|(a, d)| (a.entry.id.as_str(), d))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (e2.as_str(), &Decision::Handed("a".into())),
+                (e3.as_str(), &Decision::Mine),
+                (e4.as_str(), &Decision::Free)
+            ]
+        );
+        assert_eq!(
+            owner(&c, &e2).await,
+            ("a".to_string(), 1),
+            "handed over, counter kept"
+        );
+        // a finds e2 in its inbox, attempt 1; nothing new: it learns where to wait from.
+        let r = a.read(10, 10).await.expect("a reads again");
+        assert!(r.read.is_empty());
+        assert_eq!(ids(&r.handed_in), [e2.as_str()]);
+        assert_eq!(r.handed_in[0].attempt, 1);
+        assert_eq!(r.handed_in[0].key.as_deref(), Some(&b"x"[..]));
+        assert_eq!(r.tail, None);
+        assert!(
+            keys(&c, "*inbox*").await.is_empty(),
+            "an empty inbox is deleted"
+        );
+        let r = a.read(10, 10).await.expect("a reads, nothing left");
+        assert_eq!(r.tail.as_deref(), Some(e4.as_str()));
+
+        // Acks release: the lease of x goes with its last entry.
+        let x = Bytes::from_static(b"x");
+        a.done(std::slice::from_ref(&e1), &[(e1.clone(), x.clone())])
+            .await
+            .expect("done e1");
+        assert_eq!(
+            keys(&c, "*lease*").await.len(),
+            2,
+            "x still has e2, y has e3"
+        );
+        a.done(std::slice::from_ref(&e2), &[(e2.clone(), x.clone())])
+            .await
+            .expect("done e2");
+        assert_eq!(keys(&c, "*lease*").await, ["{s}:lease:g:y"]);
+
+        // b stops: its lease of y ends; a meets y next and takes its entries over.
+        b.expire(vec![Bytes::from_static(b"y")])
+            .await
+            .expect("expire");
+        let e5 = add(&c, &[("k", "y"), ("payload", "5")]).await;
+        let r = a.read(10, 10).await.expect("a reads e5");
+        assert_eq!(r.read[0].1, Decision::TakenOver("b".into()));
+        assert_eq!(ids(&r.taken), [e3.as_str()]);
+        assert_eq!(
+            r.taken[0].attempt, 2,
+            "the first entry of a taken key may have run"
+        );
+        assert_eq!(r.takeovers, 1);
+        assert_eq!(owner(&c, &e3).await.0, "a");
+        // b's renewal finds y lost.
+        let held = HeldKey {
+            key: Bytes::from_static(b"y"),
+            holder: e3.clone(),
+            ids: vec![e3.clone()],
+        };
+        let lost = b
+            .renew(std::slice::from_ref(&held))
+            .await
+            .expect("b renews");
+        assert_eq!(lost, [Bytes::from_static(b"y")]);
+        assert!(a.renew(&[held]).await.expect("a renews").is_empty());
+        assert_eq!(owner(&c, &e3).await.0, "a", "b's renewal took nothing back");
+
+        let y = Bytes::from_static(b"y");
+        let acks = [e3.clone(), e4.clone(), e5.clone()];
+        let releases = [(e3.clone(), y.clone()), (e5.clone(), y.clone())];
+        assert_eq!(a.done(&acks, &releases).await.expect("done"), 3);
+        assert!(keys(&c, "*lease*").await.is_empty());
+        assert!(keys(&c, "*inbox*").await.is_empty());
+        let pending: Vec<(String, String, u64, u64)> = c
+            .xpending("s", "g", ("-", "+", 10))
+            .await
+            .expect("XPENDING");
+        assert!(pending.is_empty(), "{pending:?}");
+    }
+
+    #[tokio::test]
+    async fn admit_decides_entries_already_ours_and_json_pointer_keys() {
+        let redis = Redis::start();
+        let c = redis.client().await;
+        let _: Value = c.xgroup_create("s", "g", "0", true).await.expect("group");
+        let cfg = cfg(OrderKey::JsonPointer("/a/1".into()));
+        let (a, b) = (lease(&c, &cfg, "a"), lease(&c, &cfg, "b"));
+        let payloads = [
+            r#"{"a": [0, "z"]}"#,
+            r#"{"a": [0, 42]}"#,
+            r#"{"a": {"1": 1.5}}"#,
+            r#"{"a": [0, {"q": true}]}"#,
+            r#"{"a": [0]}"#,
+            "not json",
+            r#"{"a": [0, "z"]}"#,
+        ];
+        let mut ids = Vec::new();
+        for p in payloads {
+            ids.push(add(&c, &[("payload", p)]).await);
+        }
+        // b reads the last one (key z) first, through XREADGROUP outside the script, as
+        // if its delivery was lost: it is b's but undecided. a reads the rest.
+        let r = a.read(6, 10).await.expect("a reads");
+        let keys_read: Vec<Option<&[u8]>> = r.read.iter().map(|(a, _)| a.key.as_deref()).collect();
+        let want: [Option<&[u8]>; 6] = [
+            Some(b"z"),
+            Some(b"42"),
+            Some(b"1.5"),
+            Some(br#"{"q":true}"#),
+            None,
+            None,
+        ];
+        assert_eq!(keys_read, want);
+        let _: Value = c
+            .xreadgroup("g", "b", Some(1), None, false, "s", ">")
+            .await
+            .expect("plain read");
+        // b's admit: key z is a's, so the entry is handed over to a.
+        let r = b.admit(&ids[6..]).await.expect("b admits");
+        assert_eq!(
+            r.decided,
+            [(
+                ids[6].clone(),
+                Some(Bytes::from_static(b"z")),
+                Decision::Handed("a".into())
+            )]
+        );
+        assert_eq!(owner(&c, &ids[6]).await, ("a".to_string(), 1));
+        // a admits its own first entry again (as at a restart): still its own.
+        let r = a.admit(&ids[..1]).await.expect("a admits");
+        assert_eq!(r.decided[0].2, Decision::Mine);
+    }
+}
