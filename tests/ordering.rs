@@ -51,6 +51,31 @@ const RECORDING_HANDLER: &str = "read -r k seq d fail\n\
      echo \"$k $seq $REDIS_STREAMD_CONSUMER $s $e $REDIS_STREAMD_ATTEMPT\" >> \"$D/runs\"\n\
      [ -z \"$fail\" ]";
 
+/// A worker (Python) that records each request like [`RECORDING_HANDLER`]; the payload is
+/// the JSON form of [`add_keyed`].
+fn recording_worker(dir: &Path) -> std::path::PathBuf {
+    let script = dir.join("w.py");
+    fs::write(
+        &script,
+        format!(
+            "#!/usr/bin/env python3\nimport sys, os, time, json\n\
+             rq, rp = sys.stdin.buffer, sys.stdout.buffer\n\
+             me = os.environ['REDIS_STREAMD_CONSUMER']\n\
+             log = open('{}/runs', 'a')\n\
+             while True:\n    h = rq.readline()\n    if not h: break\n    i, a, n = h.split()\n    \
+             body = json.loads(rq.read(int(n))); rq.read(1)\n    k, seq, d = body['k'], body['seq'], body['d']\n    \
+             s = time.time_ns(); time.sleep(float(d)); e = time.time_ns()\n    \
+             log.write(f'{{k}} {{seq}} {{me}} {{s}} {{e}} {{a.decode()}}\\n'); log.flush()\n    \
+             rp.write(b'ok\\n'); rp.flush()\n",
+            dir.display()
+        ),
+    )
+    .expect("write worker");
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod worker");
+    script
+}
+
 /// Checks, per key and (when `per_consumer`) per consumer, that runs start in sequence
 /// order and never overlap. Retries of one entry (same seq) may follow each other.
 fn assert_ordered(runs: &[Run], per_consumer: bool) {
@@ -91,29 +116,66 @@ async fn add_keyed(
     per_key: usize,
     json: bool,
 ) -> String {
+    add_entries(c, stream, keys, per_key, json, false).await
+}
+
+/// [`add_keyed`], but the key of each next entry is picked at random (fixed seed) among
+/// the keys with entries left: entries of one key often come close together, so two
+/// daemons often read entries of one key at the same time.
+async fn add_keyed_randomly(
+    c: &TestClient,
+    stream: &str,
+    keys: usize,
+    per_key: usize,
+    json: bool,
+) -> String {
+    add_entries(c, stream, keys, per_key, json, true).await
+}
+
+async fn add_entries(
+    c: &TestClient,
+    stream: &str,
+    keys: usize,
+    per_key: usize,
+    json: bool,
+    random_keys: bool,
+) -> String {
     let mut last = String::new();
     let mut rnd: u64 = 0x2545_f491_4f6c_dd1d;
-    for seq in 0..per_key {
-        for k in 0..keys {
-            rnd ^= rnd << 13;
-            rnd ^= rnd >> 7;
-            rnd ^= rnd << 17;
-            let sleep = format!("0.{:03}", rnd % 21);
-            let payload = if json {
-                format!(r#"{{"k": "k{k}", "seq": {seq}, "d": {sleep}}}"#)
-            } else {
-                format!("k{k} {seq} {sleep}")
-            };
-            last = c
-                .xadd(
-                    stream,
-                    &[
-                        ("k", format!("k{k}").as_bytes()),
-                        ("payload", payload.as_bytes()),
-                    ],
-                )
-                .await;
-        }
+    let next = |rnd: &mut u64| {
+        *rnd ^= *rnd << 13;
+        *rnd ^= *rnd >> 7;
+        *rnd ^= *rnd << 17;
+        *rnd
+    };
+    let mut seqs = vec![0usize; keys];
+    for i in 0..keys * per_key {
+        let k = if random_keys {
+            let mut k = (next(&mut rnd) % keys as u64) as usize;
+            while seqs[k] == per_key {
+                k = (k + 1) % keys;
+            }
+            k
+        } else {
+            i % keys
+        };
+        let seq = seqs[k];
+        seqs[k] += 1;
+        let sleep = format!("0.{:03}", next(&mut rnd) % 21);
+        let payload = if json {
+            format!(r#"{{"k": "k{k}", "seq": {seq}, "d": {sleep}}}"#)
+        } else {
+            format!("k{k} {seq} {sleep}")
+        };
+        last = c
+            .xadd(
+                stream,
+                &[
+                    ("k", format!("k{k}").as_bytes()),
+                    ("payload", payload.as_bytes()),
+                ],
+            )
+            .await;
     }
     last
 }
@@ -307,25 +369,7 @@ async fn entries_without_a_key_run_unordered_and_are_counted() {
 async fn worker_mode_keeps_per_key_order() {
     let redis = RedisServer::start();
     let work = workdir();
-    let script = work.path().join("w.py");
-    fs::write(
-        &script,
-        format!(
-            "#!/usr/bin/env python3\nimport sys, os, time, json\n\
-             rq, rp = sys.stdin.buffer, sys.stdout.buffer\n\
-             me = os.environ['REDIS_STREAMD_CONSUMER']\n\
-             log = open('{}/runs', 'a')\n\
-             while True:\n    h = rq.readline()\n    if not h: break\n    i, a, n = h.split()\n    \
-             body = json.loads(rq.read(int(n))); rq.read(1)\n    k, seq, d = body['k'], body['seq'], body['d']\n    \
-             s = time.time_ns(); time.sleep(float(d)); e = time.time_ns()\n    \
-             log.write(f'{{k}} {{seq}} {{me}} {{s}} {{e}} {{a.decode()}}\\n'); log.flush()\n    \
-             rp.write(b'ok\\n'); rp.flush()\n",
-            work.path().display()
-        ),
-    )
-    .expect("write worker");
-    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod worker");
+    let script = recording_worker(work.path());
     let c = TestClient::connect(&redis.url()).await;
     c.create_group("chat", "g", "0").await;
     let last = add_keyed(&c, "chat", 20, 20, true).await;
@@ -340,4 +384,242 @@ async fn worker_mode_keeps_per_key_order() {
     let runs = runs(work.path());
     assert_eq!(runs.len(), 400);
     assert_ordered(&runs, false);
+}
+
+/// `KEYS pattern` (leases and inboxes: none may be left once every entry is done).
+async fn keys_like(c: &TestClient, pattern: &str) -> Vec<String> {
+    let reply = c.cmd("KEYS", vec![pattern.into()]).await.expect("KEYS");
+    reply
+        .into_array()
+        .iter()
+        .filter_map(|k| k.as_string())
+        .collect()
+}
+
+/// Asserts that nothing of group scope's bookkeeping is left in Redis.
+async fn assert_no_leases_left(c: &TestClient) {
+    assert_eq!(
+        keys_like(c, "*lease*").await,
+        Vec::<String>::new(),
+        "leases left"
+    );
+    assert_eq!(
+        keys_like(c, "*inbox*").await,
+        Vec::<String>::new(),
+        "inboxes left"
+    );
+}
+
+/// Two daemons in group scope share one group: each key's entries run in id order and
+/// one at a time across both daemons, every entry once, at attempt 1 (hand-overs between
+/// the daemons cost no attempt); nothing of the leases is left at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_scope_two_daemons_keep_order_across_both() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
+    let c = TestClient::connect(&redis.url()).await;
+    c.create_group("chat", "g", "0").await;
+    let last = add_keyed_randomly(&c, "chat", 50, 40, false).await;
+    let table = fast_stream(
+        "chat",
+        "g",
+        &script,
+        "max_block_read = 8\norder_by = \"k\"\norder_scope = \"group\"",
+    );
+    let daemons: Vec<Daemon> = ["a", "b"]
+        .iter()
+        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
+        .collect();
+    daemons[0].wait_settled(&c, "chat", "g", &last).await;
+    let runs = runs(work.path());
+    assert_eq!(runs.len(), 2000, "every entry ran once");
+    assert!(
+        runs.iter().all(|r| r.attempt == 1),
+        "an entry ran at attempt > 1"
+    );
+    assert!(
+        ["a", "b"]
+            .iter()
+            .all(|name| runs.iter().any(|r| r.consumer == *name)),
+        "both daemons ran entries"
+    );
+    assert_ordered(&runs, false);
+    assert_eq!(c.xlen("chat:dlq").await, 0);
+    assert_no_leases_left(&c).await;
+}
+
+/// An entry read by a daemon while another daemon holds its key is handed over to that
+/// daemon and runs there after the entry in hand, at attempt 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_scope_hand_over_costs_no_attempt() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = write_script(
+        work.path(),
+        "h.sh",
+        &format!("touch \"$D/started.$REDIS_STREAMD_CONSUMER\"\n{RECORDING_HANDLER}"),
+    );
+    let c = TestClient::connect(&redis.url()).await;
+    c.create_group("chat", "g", "0").await;
+    let add = |k: &'static str, seq: u64, sleep: &'static str| {
+        let c = &c;
+        async move {
+            let payload = format!("{k} {seq} {sleep}");
+            c.xadd(
+                "chat",
+                &[("k", k.as_bytes()), ("payload", payload.as_bytes())],
+            )
+            .await
+        }
+    };
+    add("x", 0, "3").await;
+    // `a` runs one entry at a time: while x 0 runs it reads nothing more.
+    let table = |max: u32| {
+        fast_stream(
+            "chat",
+            "g",
+            &script,
+            &format!("max_block_read = {max}\norder_by = \"k\"\norder_scope = \"group\""),
+        )
+    };
+    let a = Daemon::start(&config_as(&redis.url(), "a", "10s", &table(1)));
+    a.wait_until(LONG, "x 0 started on a", || async {
+        work.path().join("started.a").exists()
+    })
+    .await;
+    let mut last = String::new();
+    for seq in 1..=5 {
+        last = add("x", seq, "0").await;
+    }
+    let port = free_port();
+    let b_config = config_as(&redis.url(), "b", "10s", &table(4)).replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    );
+    let b = Daemon::start(&b_config);
+    a.wait_settled(&c, "chat", "g", &last).await;
+    let runs = runs(work.path());
+    let got: Vec<(u64, &str, u64)> = {
+        let mut x: Vec<&Run> = runs.iter().collect();
+        x.sort_by_key(|r| r.start);
+        x.iter()
+            .map(|r| (r.seq, r.consumer.as_str(), r.attempt))
+            .collect()
+    };
+    let want: Vec<(u64, &str, u64)> = (0..=5).map(|seq| (seq, "a", 1)).collect();
+    assert_eq!(got, want, "{runs:?}");
+    assert_ordered(&runs, false);
+    // b read x 1..5 (a had no free slot) and handed them over.
+    b.wait_until(LONG, "b counted its hand-overs", || async move {
+        http_get(port, "/metrics").is_some_and(|(_, m)| {
+            sample(&m, "redis_streamd_order_handovers_total", "chat") == Some(5.0)
+        })
+    })
+    .await;
+    assert_no_leases_left(&c).await;
+}
+
+/// kill -9 of one of two daemons in group scope mid-run: the other takes its keys over
+/// once its hold runs out (claim_idle) and runs their entries again from the first that
+/// had started, before any later one (rule 3); nothing is lost, nothing stays pending,
+/// nothing of the leases is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_scope_kill9_takeover_keeps_order() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
+    let c = TestClient::connect(&redis.url()).await;
+    c.create_group("chat", "g", "0").await;
+    let (keys, per_key) = (20, 30);
+    let mut last = String::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            let payload = format!("k{k} {seq} 0.05");
+            last = c
+                .xadd(
+                    "chat",
+                    &[
+                        ("k", format!("k{k}").as_bytes()),
+                        ("payload", payload.as_bytes()),
+                    ],
+                )
+                .await;
+        }
+    }
+    let table = fast_stream(
+        "chat",
+        "g",
+        &script,
+        "max_block_read = 8\norder_by = \"k\"\norder_scope = \"group\"",
+    );
+    let mut a = Daemon::start(&config_as(&redis.url(), "a", "10s", &table));
+    let port = free_port();
+    let b = Daemon::start(&config_as(&redis.url(), "b", "10s", &table).replace(
+        "[daemon]\n",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    ));
+    let dir = work.path().to_path_buf();
+    b.wait_until(LONG, "a ran some entries", || {
+        let dir = dir.clone();
+        async move { runs(&dir).iter().filter(|r| r.consumer == "a").count() >= 40 }
+    })
+    .await;
+    let mut orphans = Orphans::default();
+    orphans.kill9(&mut a);
+    b.wait_settled(&c, "chat", "g", &last).await;
+    let runs = runs(work.path());
+    for k in 0..keys {
+        for seq in 0..per_key {
+            let key = format!("k{k}");
+            assert!(
+                runs.iter().any(|r| r.key == key && r.seq == seq),
+                "{key} {seq} never ran"
+            );
+        }
+    }
+    assert_ordered(&runs, false);
+    // What a had started when it died ran again on b, after claim_idle.
+    let rerun = runs.iter().any(|r| {
+        r.consumer == "b"
+            && r.attempt > 1
+            && runs
+                .iter()
+                .any(|s| s.consumer == "a" && s.key == r.key && s.seq == r.seq)
+    });
+    assert!(rerun, "no entry a had started ran again on b");
+    let scrape = http_get(port, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    let takeovers = sample(&scrape, "redis_streamd_order_takeovers_total", "chat");
+    assert!(takeovers >= Some(1.0), "b took no key over: {takeovers:?}");
+    assert_eq!(c.pending_count("chat", "g").await, 0);
+    assert_no_leases_left(&c).await;
+}
+
+/// Worker mode in group scope: two daemons of Python workers, key by JSON Pointer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_scope_worker_mode_keeps_order_across_daemons() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = recording_worker(work.path());
+    let c = TestClient::connect(&redis.url()).await;
+    c.create_group("chat", "g", "0").await;
+    let last = add_keyed_randomly(&c, "chat", 20, 20, true).await;
+    let table = fast_stream(
+        "chat",
+        "g",
+        &script,
+        "mode = \"worker\"\nmax_block_read = 4\norder_by_json = \"/k\"\norder_scope = \"group\"",
+    );
+    let daemons: Vec<Daemon> = ["a", "b"]
+        .iter()
+        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
+        .collect();
+    daemons[0].wait_settled(&c, "chat", "g", &last).await;
+    let runs = runs(work.path());
+    assert_eq!(runs.len(), 400);
+    assert!(runs.iter().all(|r| r.attempt == 1));
+    assert_ordered(&runs, false);
+    assert_no_leases_left(&c).await;
 }

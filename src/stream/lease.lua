@@ -100,7 +100,7 @@ local takeovers = 0
 -- of the key still pending moves to us, so they run here, in id order, before any later
 -- one. The first of them may have started: it counts a delivery (plain XCLAIM); the
 -- others never ran and keep their counters (JUSTID).
-local function take_over(lease, key, except)
+local function take_over(lease, key, except, from)
   local ids = {except}
   for _, f in ipairs(redis.call('HKEYS', lease)) do
     if string.sub(f, 1, 1) ~= '@' and f ~= except then ids[#ids + 1] = f end
@@ -124,6 +124,12 @@ local function take_over(lease, key, except)
     end
     if p then taken[#taken + 1] = {id, fields_of(id), key, p[4]} end
   end
+  -- What the old holder's inbox says about this key is ours now: drop it there.
+  local inbox = IP .. from
+  for _, row in ipairs(redis.call('XRANGE', inbox, '-', '+')) do
+    if field(row[2], 'key') == key then redis.call('XDEL', inbox, row[1]) end
+  end
+  if redis.call('XLEN', inbox) == 0 then redis.call('DEL', inbox) end
   takeovers = takeovers + 1
 end
 
@@ -149,7 +155,7 @@ local function decide(id, key)
     end
     return 'handed', holder
   end
-  take_over(lease, key, id)
+  take_over(lease, key, id, holder)
   hold(lease, id)
   return 'taken', holder
 end
