@@ -431,6 +431,8 @@ impl StreamLoop {
                     let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
                     self.take(entry, attempt, &mut permits);
                 }
+                // Group scope: they are decided now (they hold slots meanwhile).
+                return Box::pin(self.admit_deferred(shutdown, waits)).await;
             }
             // The read bumped their counters; they stay pending and the cursor stays
             // put, so the next round reads them again.

@@ -241,6 +241,7 @@ if STEP == 'renew' then
       redis.call('XCLAIM', S, G, ME, 0, id, 'JUSTID')
     end
   end
+  redis.call('PEXPIRE', INBOX, KEEP)
   return lost
 end
 
