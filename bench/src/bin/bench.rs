@@ -6,7 +6,7 @@
 //! details of every run go to stderr.
 //!
 //! ```text
-//! bench --daemon ../target/release/redis-streamd [--runs 3] [--quick] [--only 1,2,3,4]
+//! bench --daemon ../target/release/redis-streamd [--runs 3] [--quick] [--only 1,2,3,4,5]
 //!       [--work DIR] [--keep]
 //! ```
 
@@ -21,6 +21,9 @@ use bench::{
 };
 use fred::prelude::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+#[path = "../scenario_order.rs"]
+mod scenario_order;
 
 /// Payload size of every scenario (bytes of the `payload` field).
 const PAYLOAD_BYTES: usize = 100;
@@ -110,6 +113,12 @@ async fn run_all(opts: &Opts) -> Result<()> {
     }
     if opts.wants("4") || opts.wants("4b") {
         report("4b", worker(opts, wn, 100).await);
+    }
+    if opts.wants("5") || opts.wants("5a") {
+        report("5a", scenario_order::ordered(opts, n, false).await);
+    }
+    if opts.wants("5") || opts.wants("5b") {
+        report("5b", scenario_order::ordered(opts, n, true).await);
     }
     Ok(())
 }
