@@ -768,11 +768,12 @@ impl StreamLoop {
     fn refresh(&mut self) {
         let mut ids: Vec<String> = self.busy.keys().cloned().collect();
         ids.extend(self.retries.reruns().cloned());
-        if let Some(order) = &self.order {
+        if self.group.is_some() {
+            // Group scope: entries of held keys are kept fresh with their leases.
+            self.renew_leases(&mut ids);
+        } else if let Some(order) = &self.order {
             ids.extend(order.waiting_ids().cloned());
         }
-        // Group scope: entries of held keys are kept fresh with their leases.
-        self.renew_leases(&mut ids);
         ids.extend(self.acker.unconfirmed());
         if ids.is_empty() {
             return;

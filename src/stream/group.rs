@@ -252,13 +252,15 @@ impl StreamLoop {
         self.order_changed();
     }
 
-    /// On refresh: renews the leases of the keys we hold (their entries are kept fresh
-    /// with them, so they are dropped from `ids`, the generic refresh).
+    /// On refresh: renews the leases of the keys we hold; their entries are kept fresh
+    /// with them, so they are dropped from `ids`, the generic refresh, and unkeyed entries
+    /// waiting for a slot are added to it.
     pub(super) fn renew_leases(&mut self, ids: &mut Vec<String>) {
         let (Some(group), Some(order)) = (&mut self.group, &self.order) else {
             return;
         };
-        ids.retain(|id| !order.is_keyed(id));
+        ids.retain(|id| order.key_held_by(id).is_none());
+        ids.extend(order.unkeyed_ready_ids().cloned());
         let held = order.held_keys();
         let lease = group.lease.clone();
         group.renewals.spawn(

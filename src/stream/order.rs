@@ -263,10 +263,12 @@ impl Order {
         self.key_of_holder.get(id)
     }
 
-    /// Whether `id` holds a key or waits for one (an ordered entry, as opposed to one
-    /// without a key).
-    pub(crate) fn is_keyed(&self, id: &str) -> bool {
-        self.key_of_holder.contains_key(id) || self.is_waiting(id)
+    /// Ids of entries without a key waiting for a read slot ([`Order::push_ready`]).
+    pub(crate) fn unkeyed_ready_ids(&self) -> impl Iterator<Item = &String> {
+        self.ready
+            .iter()
+            .map(|w| &w.entry.id)
+            .filter(|id| !self.key_of_holder.contains_key(*id))
     }
 
     /// Every held key with the id of the entry holding it (running, retrying, being
@@ -447,7 +449,6 @@ mod tests {
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].holder, "5-0");
         assert_eq!(held[0].ids, ["5-0", "7-3", "9-0", "10-0"]);
-        assert!(o.is_keyed("9-0") && o.is_keyed("5-0") && !o.is_keyed("6-0"));
         assert_eq!(o.key_held_by("5-0").map(|k| &k[..]), Some(&b"a"[..]));
         o.settled("5-0");
         let (next, attempt, _) = o.next_ready().expect("7-3 is ready");
@@ -455,6 +456,9 @@ mod tests {
         // No slot for it: it waits as ready and keeps its key.
         o.push_ready(next, attempt);
         assert!(o.has_ready());
+        assert_eq!(o.unkeyed_ready_ids().count(), 0);
+        o.push_ready(e("6-0"), 1);
+        assert_eq!(o.unkeyed_ready_ids().collect::<Vec<_>>(), ["6-0"]);
         assert_eq!(o.held_keys()[0].holder, "7-3");
     }
 
