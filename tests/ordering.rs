@@ -724,3 +724,56 @@ async fn group_scope_restart_runs_own_pending_entries_in_order() {
     assert_eq!(seqs, (0..10).collect::<Vec<u64>>(), "{runs:?}");
     assert_no_leases_left(&a, &c).await;
 }
+
+/// Group scope, two daemons: a failing entry holds its key through its retries and its
+/// dead-lettering across both daemons; the other key keeps running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_scope_failing_entry_holds_its_key_across_daemons() {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
+    let c = TestClient::connect(&redis.url()).await;
+    c.create_group("chat", "g", "0").await;
+    let add = |k: &'static str, seq: u64, fail: bool| {
+        let c = &c;
+        async move {
+            let payload = format!("{k} {seq} 0.01{}", if fail { " fail" } else { "" });
+            c.xadd(
+                "chat",
+                &[("k", k.as_bytes()), ("payload", payload.as_bytes())],
+            )
+            .await
+        }
+    };
+    let bad = add("a", 0, true).await;
+    let mut last = String::new();
+    for seq in 1..=10 {
+        add("a", seq, false).await;
+        last = add("b", seq, false).await;
+    }
+    let table = fast_stream(
+        "chat",
+        "g",
+        &script,
+        "max_block_read = 2\norder_by = \"k\"\norder_scope = \"group\"\nmax_attempts = 3",
+    );
+    let daemons: Vec<Daemon> = ["a", "b"]
+        .iter()
+        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
+        .collect();
+    daemons[0].wait_settled(&c, "chat", "g", &last).await;
+    let dlq = c.xrange_all("chat:dlq").await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].get_str("dlq_source_id"), Some(bad));
+    let runs = runs(work.path());
+    let a: Vec<(u64, u64)> = {
+        let mut a: Vec<&Run> = runs.iter().filter(|r| r.key == "a").collect();
+        a.sort_by_key(|r| r.start);
+        a.iter().map(|r| (r.seq, r.attempt)).collect()
+    };
+    let mut want = vec![(0, 1), (0, 2), (0, 3)];
+    want.extend((1..=10).map(|seq| (seq, 1)));
+    assert_eq!(a, want, "{runs:?}");
+    assert_ordered(&runs, false);
+    assert_no_leases_left(&daemons[0], &c).await;
+}

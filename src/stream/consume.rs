@@ -530,10 +530,11 @@ impl StreamLoop {
             tracing::warn!(id = %entry.id, "read returned more entries than requested; leaving it pending");
             return;
         };
-        self.metrics.read(1);
         if self.group.is_some() {
+            // Counted as read once decided ours (it may be handed over).
             return self.defer_admission(entry, attempt, slot);
         }
+        self.metrics.read(1);
         let Some(order) = &mut self.order else {
             return self.start(entry, attempt, slot);
         };
