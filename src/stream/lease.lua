@@ -87,9 +87,11 @@ local function fields_of(id)
   return false
 end
 
-local function hold(lease, id)
+-- We hold `lease` (`renew`: it is ours already, and its lifetime is pushed out by the
+-- renewals) and `id` is one of its entries.
+local function hold(lease, id, renew)
   redis.call('HSET', lease, '@h', ME, '@t', NOW + TTL, id, '')
-  redis.call('PEXPIRE', lease, KEEP)
+  if not renew then redis.call('PEXPIRE', lease, KEEP) end
 end
 
 -- Entries that became ours because we took their key over: {id, fields, key, deliveries}.
@@ -143,7 +145,7 @@ local function decide(id, key)
   local h = redis.call('HMGET', lease, '@h', '@t')
   local holder, till = h[1], tonumber(h[2])
   if not holder or holder == ME then
-    hold(lease, id)
+    hold(lease, id, holder == ME)
     return 'mine'
   end
   if till and till > NOW then
@@ -156,7 +158,7 @@ local function decide(id, key)
     return 'handed', holder
   end
   take_over(lease, key, id, holder)
-  hold(lease, id)
+  hold(lease, id, false)
   return 'taken', holder
 end
 
@@ -165,13 +167,14 @@ end
 local function pop_inbox(max)
   local got = {}
   if max <= 0 then return got end
-  for _, row in ipairs(redis.call('XRANGE', INBOX, '-', '+', 'COUNT', max)) do
+  local rows = redis.call('XRANGE', INBOX, '-', '+', 'COUNT', max)
+  for _, row in ipairs(rows) do
     redis.call('XDEL', INBOX, row[1])
     local id, key = field(row[2], 'id'), field(row[2], 'key')
     local p = id and pending(id)
     if p and p[2] == ME then got[#got + 1] = {id, fields_of(id), key or false, p[4]} end
   end
-  if redis.call('XLEN', INBOX) == 0 then redis.call('DEL', INBOX) end
+  if #rows > 0 and redis.call('XLEN', INBOX) == 0 then redis.call('DEL', INBOX) end
   return got
 end
 
