@@ -52,6 +52,8 @@ const HELP_ORDER_KEYS_ACTIVE: &str =
     "Ordering keys with an entry in hand (running, waiting for a retry, or being dead-lettered)";
 const HELP_ORDER_UNKEYED: &str =
     "Entries of an ordered stream without an ordering key (run unordered)";
+const HELP_ORDER_HANDOVERS: &str = "Entries this consumer read and handed over to the consumer holding their key (order_scope = \"group\")";
+const HELP_ORDER_TAKEOVERS: &str = "Keys this consumer took over, with their pending entries, from a consumer whose hold was not renewed within claim_idle (order_scope = \"group\")";
 const HELP_ORDER_WAIT: &str =
     "Time entries waited behind an earlier entry with the same ordering key";
 const HELP_HANDLER_DURATION: &str = "Wall time of handler runs, from spawn to exit";
@@ -99,7 +101,9 @@ pub struct Metrics {
     resource_waits: Family<StreamLabels, Counter>,
     order_waiting: Family<StreamLabels, Gauge>,
     order_keys: Family<StreamLabels, Gauge>,
-    order_unkeyed: Family<StreamLabels, Counter>,
+        order_unkeyed: Family<StreamLabels, Counter>,
+    order_handovers: Family<StreamLabels, Counter>,
+    order_takeovers: Family<StreamLabels, Counter>,
     order_wait: DurationFamily,
     handler_duration: DurationFamily,
     in_flight: Family<StreamLabels, Gauge>,
@@ -142,6 +146,8 @@ impl Metrics {
                 Family::default(),
             ),
             order_unkeyed: register(r, "order_unkeyed", HELP_ORDER_UNKEYED, Family::default()),
+            order_handovers: register(r, "order_handovers", HELP_ORDER_HANDOVERS, Family::default()),
+            order_takeovers: register(r, "order_takeovers", HELP_ORDER_TAKEOVERS, Family::default()),
             order_wait: seconds(r, "order_wait", HELP_ORDER_WAIT),
             handler_duration: seconds(r, "handler_duration", HELP_HANDLER_DURATION),
             in_flight: register(
@@ -192,7 +198,9 @@ impl Metrics {
             resource_waits: self.resource_waits.get_or_create_owned(&labels),
             order_waiting: self.order_waiting.get_or_create_owned(&labels),
             order_keys: self.order_keys.get_or_create_owned(&labels),
-            order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
+                        order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
+            order_handovers: self.order_handovers.get_or_create_owned(&labels),
+            order_takeovers: self.order_takeovers.get_or_create_owned(&labels),
             order_wait: self.order_wait.get_or_create_owned(&labels),
             handler_duration: self.handler_duration.get_or_create_owned(&labels),
             in_flight: self.in_flight.get_or_create_owned(&labels),
@@ -266,7 +274,9 @@ pub struct StreamMetrics {
     resource_waits: Counter,
     order_waiting: Gauge,
     order_keys: Gauge,
-    order_unkeyed: Counter,
+        order_unkeyed: Counter,
+    order_handovers: Counter,
+    order_takeovers: Counter,
     order_wait: Histogram,
     handler_duration: Histogram,
     in_flight: Gauge,
@@ -322,6 +332,16 @@ impl StreamMetrics {
     /// `redis_streamd_order_unkeyed_total` + 1.
     pub fn order_unkeyed(&self) {
         self.order_unkeyed.inc();
+    }
+
+        /// `redis_streamd_order_handovers_total` + 1.
+    pub fn order_handed_over(&self) {
+        self.order_handovers.inc();
+    }
+
+    /// `redis_streamd_order_takeovers_total` + n.
+    pub fn order_taken_over(&self, n: u64) {
+        self.order_takeovers.inc_by(n);
     }
 
     /// One observation of `redis_streamd_order_wait_seconds`.
