@@ -101,7 +101,7 @@ pub struct Metrics {
     resource_waits: Family<StreamLabels, Counter>,
     order_waiting: Family<StreamLabels, Gauge>,
     order_keys: Family<StreamLabels, Gauge>,
-        order_unkeyed: Family<StreamLabels, Counter>,
+    order_unkeyed: Family<StreamLabels, Counter>,
     order_handovers: Family<StreamLabels, Counter>,
     order_takeovers: Family<StreamLabels, Counter>,
     order_wait: DurationFamily,
@@ -146,8 +146,18 @@ impl Metrics {
                 Family::default(),
             ),
             order_unkeyed: register(r, "order_unkeyed", HELP_ORDER_UNKEYED, Family::default()),
-            order_handovers: register(r, "order_handovers", HELP_ORDER_HANDOVERS, Family::default()),
-            order_takeovers: register(r, "order_takeovers", HELP_ORDER_TAKEOVERS, Family::default()),
+            order_handovers: register(
+                r,
+                "order_handovers",
+                HELP_ORDER_HANDOVERS,
+                Family::default(),
+            ),
+            order_takeovers: register(
+                r,
+                "order_takeovers",
+                HELP_ORDER_TAKEOVERS,
+                Family::default(),
+            ),
             order_wait: seconds(r, "order_wait", HELP_ORDER_WAIT),
             handler_duration: seconds(r, "handler_duration", HELP_HANDLER_DURATION),
             in_flight: register(
@@ -198,7 +208,7 @@ impl Metrics {
             resource_waits: self.resource_waits.get_or_create_owned(&labels),
             order_waiting: self.order_waiting.get_or_create_owned(&labels),
             order_keys: self.order_keys.get_or_create_owned(&labels),
-                        order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
+            order_unkeyed: self.order_unkeyed.get_or_create_owned(&labels),
             order_handovers: self.order_handovers.get_or_create_owned(&labels),
             order_takeovers: self.order_takeovers.get_or_create_owned(&labels),
             order_wait: self.order_wait.get_or_create_owned(&labels),
@@ -274,7 +284,7 @@ pub struct StreamMetrics {
     resource_waits: Counter,
     order_waiting: Gauge,
     order_keys: Gauge,
-        order_unkeyed: Counter,
+    order_unkeyed: Counter,
     order_handovers: Counter,
     order_takeovers: Counter,
     order_wait: Histogram,
@@ -334,7 +344,7 @@ impl StreamMetrics {
         self.order_unkeyed.inc();
     }
 
-        /// `redis_streamd_order_handovers_total` + 1.
+    /// `redis_streamd_order_handovers_total` + 1.
     pub fn order_handed_over(&self) {
         self.order_handovers.inc();
     }

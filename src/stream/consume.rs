@@ -59,7 +59,7 @@ pub(super) enum Busy {
     Claiming,
     /// The executor has it.
     Running(Entry),
-        /// Its DLQ write is under way.
+    /// Its DLQ write is under way.
     DeadLettering,
     /// Waiting for the lease `admit` step (`order_scope = "group"`).
     Admitting,
@@ -93,7 +93,7 @@ pub(super) enum Event {
     Refresh,
     /// Time to sample the group for the metrics.
     Sample,
-        /// A refresh or a sample finished (each logs its own trouble).
+    /// A refresh or a sample finished (each logs its own trouble).
     Chore,
     /// A lease renewal finished: keys found in another consumer's hands, each with the
     /// entry that held it here when asked (`order_scope = "group"`).
@@ -126,7 +126,7 @@ pub struct StreamLoop {
     pub(super) busy: HashMap<String, Busy>,
     pub(super) retries: RetryQueue,
     /// Per-key order (`order_by`): entries waiting behind their key.
-        pub(super) order: Option<Order>,
+    pub(super) order: Option<Order>,
     /// `order_scope = "group"`: keys held across the group.
     pub(super) group: Option<Group>,
     pub(super) claims: JoinSet<Claimed>,
@@ -159,7 +159,7 @@ impl StreamLoop {
         let who = Consumer::new(&cfg.name, &cfg.group, consumer);
         let span = tracing::info_span!("stream", stream = %who.stream, group = %who.group, consumer = %who.name);
         // Tasks the acker and the executor start belong to this stream's span.
-                let _in_span = span.enter();
+        let _in_span = span.enter();
         let lease = Lease::new(&cfg, &who, reader.clone(), commands.clone());
         let cmds = StreamCommands::new(commands, who.clone());
         let reader = StreamCommands::new(reader, who.clone());
@@ -188,7 +188,7 @@ impl StreamLoop {
             order: cfg
                 .order
                 .as_ref()
-                                .map(|o| Order::new(o.key.clone(), &cfg.payload_field, o.waiting_max)),
+                .map(|o| Order::new(o.key.clone(), &cfg.payload_field, o.waiting_max)),
             group: lease.map(Group::new),
             claims: JoinSet::new(),
             writes: JoinSet::new(),
@@ -315,7 +315,7 @@ impl StreamLoop {
                 }
             }
             Event::Claimed(Ok(claimed)) => self.claimed(claimed),
-                        Event::Written(Ok(id)) => {
+            Event::Written(Ok(id)) => {
                 self.busy.remove(&id);
                 if let Some(key) = self.released(&id) {
                     self.acker.release(id, key);
@@ -329,7 +329,7 @@ impl StreamLoop {
             }
             Event::Refresh => self.refresh(),
             Event::Sample => self.sample(),
-                        Event::Chore => {}
+            Event::Chore => {}
             Event::Renewed(Ok(lost)) => self.leases_lost(lost),
             Event::Renewed(Err(error)) => {
                 if !error.is_cancelled() {
@@ -358,7 +358,7 @@ impl StreamLoop {
             tracing::warn!(id = %entry.id, "read returned more entries than requested; leaving it pending");
             return;
         };
-                if self.group.is_some() {
+        if self.group.is_some() {
             // Counted as read once decided ours (it may be handed over).
             return self.defer_admission(entry, attempt, slot);
         }
@@ -385,7 +385,7 @@ impl StreamLoop {
         self.order_changed();
     }
 
-        /// The entry `id` is settled for good (acked, dead-lettered, deleted, or another
+    /// The entry `id` is settled for good (acked, dead-lettered, deleted, or another
     /// consumer's now): the next entry of its key, if any, may run. In group scope,
     /// returns the key it held, to release from the key's lease in Redis.
     fn released(&mut self, id: &str) -> Option<Bytes> {
@@ -430,7 +430,7 @@ impl StreamLoop {
     }
 
     /// Starts attempt `attempt` at `entry` with `slot`, or settles it when it cannot run.
-        pub(super) fn start(&mut self, entry: Entry, attempt: u64, slot: OwnedSemaphorePermit) {
+    pub(super) fn start(&mut self, entry: Entry, attempt: u64, slot: OwnedSemaphorePermit) {
         match settle::admit(&self.cfg, &entry, attempt) {
             Admit::Run(payload) => {
                 self.metrics.in_flight_inc();
@@ -443,13 +443,13 @@ impl StreamLoop {
                 self.busy.insert(entry.id.clone(), Busy::Running(entry));
             }
             Admit::Deleted => {
-                                self.busy.remove(&entry.id);
+                self.busy.remove(&entry.id);
                 let key = self.released(&entry.id);
                 self.deleted(
                     &entry.id,
                     "entry was deleted from the stream while pending; acking it away",
                 );
-                                self.acker.ack_and_release(entry.id, key);
+                self.acker.ack_and_release(entry.id, key);
             }
             // The slot is held until the write is done, as a run would hold it.
             Admit::DeadLetter(failure) => self.dead_letter(entry, failure, Some(slot)),
@@ -472,7 +472,7 @@ impl StreamLoop {
             Settle::Ack => {
                 // debug, not info: one line per success is most of a busy daemon's log
                 // volume and measurable per-entry cost; successes are counted in metrics.
-                                tracing::debug!(%id, attempt, elapsed_ms, "handled");
+                tracing::debug!(%id, attempt, elapsed_ms, "handled");
                 let key = self.released(&id);
                 self.acker.ack_and_release(id, key);
             }
@@ -564,11 +564,11 @@ impl StreamLoop {
             Claimed::Entry { entry, .. } => {
                 self.busy.remove(&entry.id);
             }
-                        Claimed::Gone { id } => {
+            Claimed::Gone { id } => {
                 self.busy.remove(&id);
                 self.deleted(
                     &id,
-                                        "entry was deleted from the stream while waiting for its retry",
+                    "entry was deleted from the stream while waiting for its retry",
                 );
                 if let Some(key) = self.released(&id) {
                     self.acker.release(id, key);

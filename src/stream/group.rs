@@ -13,9 +13,9 @@ use tracing::Instrument;
 use crate::ops::shutdown::Shutdown;
 use crate::redis::Entry;
 use crate::stream::consume::{Busy, StreamLoop};
-use crate::stream::read::Waits;
 use crate::stream::lease::{Arrival, Decision, Lease};
 use crate::stream::order::{Admitted, id_number};
+use crate::stream::read::Waits;
 
 /// A lost key with the entry that held it here when the renewal was sent.
 type Lost = Vec<(Bytes, String)>;
@@ -90,7 +90,7 @@ impl StreamLoop {
         let ids: Vec<String> = deferred.iter().map(|(e, ..)| e.id.clone()).collect();
         let reply = self
             .on_reader(
-                async move { lease.admit(&ids).await },
+                Box::pin(async move { lease.admit(&ids).await }),
                 None,
                 shutdown,
                 waits,
@@ -148,7 +148,7 @@ impl StreamLoop {
         };
         let lease = group.lease.clone();
         let room = order.room();
-        let call = async move { lease.read(count, room).await };
+        let call = Box::pin(async move { lease.read(count, room).await });
         let reply = match self.on_reader(call, None, shutdown, waits).await {
             None => return false,
             Some(Ok(reply)) => {
@@ -179,7 +179,7 @@ impl StreamLoop {
         };
         let lease = group.lease.clone();
         let block = self.block_for();
-        let wait = async move { lease.wait(&tail, block).await };
+        let wait = Box::pin(async move { lease.wait(&tail, block).await });
         match self.on_reader(wait, Some(block), shutdown, waits).await {
             None => false,
             Some(Ok(())) => true,

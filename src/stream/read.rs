@@ -4,6 +4,7 @@
 //! handled.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,7 +81,7 @@ impl StreamLoop {
         if self.backlog_cursor.is_none()
             && let Some(cursor) = self.claim_cursor.take()
         {
-                        self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
+            self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
         }
         // Group scope: entries recovered or claimed above are decided before the read.
         if !Box::pin(self.admit_deferred(shutdown, waits)).await {
@@ -99,7 +100,7 @@ impl StreamLoop {
             }
             return true;
         }
-                if self.group.is_some() && self.backlog_cursor.is_none() {
+        if self.group.is_some() && self.backlog_cursor.is_none() {
             return Box::pin(self.group_read(count, &mut permits, shutdown, waits)).await;
         }
         let Some(read) = self.read(count, shutdown, waits).await else {
@@ -123,24 +124,39 @@ impl StreamLoop {
             }
             return true;
         }
-        match Box::pin(recovery::attempt_numbers(&self.cmds, &entries)).await {
+        Box::pin(self.take_backlog(entries, &mut permits, shutdown, waits)).await
+    }
+
+    /// Takes entries re-read from our own pending list (id `0` onwards), with their
+    /// delivery counts as attempt numbers, and moves the backlog cursor past them.
+    /// `false` at shutdown.
+    async fn take_backlog(
+        &mut self,
+        entries: Vec<Entry>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        shutdown: &Shutdown,
+        waits: &mut Waits<'_>,
+    ) -> bool {
+        match recovery::attempt_numbers(&self.cmds, &entries).await {
             Ok(attempts) => {
                 self.backlog_cursor = entries.last().map(|e| e.id.clone());
                 if self.backlog_cursor.is_none() {
                     tracing::debug!("own pending entries done; reading new ones");
                 }
                 for entry in entries {
-                                        let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
-                    self.take(entry, attempt, &mut permits);
+                    let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
+                    self.take(entry, attempt, permits);
                 }
                 // Group scope: they are decided now (they hold slots meanwhile).
-                return Box::pin(self.admit_deferred(shutdown, waits)).await;
+                self.admit_deferred(shutdown, waits).await
             }
             // The read bumped their counters; they stay pending and the cursor stays
             // put, so the next round reads them again.
-            Err(error) => Box::pin(self.read_failed(error, shutdown)).await,
+            Err(error) => {
+                self.read_failed(error, shutdown).await;
+                true
+            }
         }
-        true
     }
 
     /// Reads up to `count` entries: our own pending ones while the backlog lasts, then new
@@ -158,8 +174,8 @@ impl StreamLoop {
             Some(cursor) => (cursor.clone(), None),
             None => (">".to_owned(), Some(self.block_for())),
         };
-                let reader = self.reader.clone();
-        let read = async move { reader.read(count, block, &id).await };
+        let reader = self.reader.clone();
+        let read = Box::pin(async move { reader.read(count, block, &id).await });
         self.on_reader(read, block, shutdown, waits).await
     }
 
@@ -168,19 +184,20 @@ impl StreamLoop {
     /// [`StreamLoop::read`]). `None` at shutdown.
     pub(super) async fn on_reader<T>(
         &mut self,
-        call: impl Future<Output = T>,
+        // Boxed by the caller: an idle loop waits here, and its task is as large as its
+        // state (fred's command futures are large).
+        mut call: Pin<Box<impl Future<Output = T>>>,
         block: Option<Duration>,
         shutdown: &Shutdown,
         waits: &mut Waits<'_>,
     ) -> Option<T> {
         let ends = block.map(|block| Instant::now() + block);
-        // Boxed: an idle loop waits here, and its task is as large as this state.
-        let mut read = Box::pin(call);
+
         let mut wake_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
-                r = &mut read => return Some(r),
+                r = &mut call => return Some(r),
                 // Dropping the read is safe: anything it delivered is in our pending
                 // list and is picked up by the next start (or another consumer's claim).
                 _ = shutdown.stopping() => return None,

@@ -38,7 +38,7 @@ impl StreamLoop {
     pub(super) fn refresh(&mut self) {
         let mut ids: Vec<String> = self.busy.keys().cloned().collect();
         ids.extend(self.retries.reruns().cloned());
-                if self.group.is_some() {
+        if self.group.is_some() {
             // Group scope: entries of held keys are kept fresh with their leases.
             self.renew_leases(&mut ids);
         } else if let Some(order) = &self.order {
@@ -86,11 +86,11 @@ impl StreamLoop {
         // pending, and the next start (or another consumer's claim) runs them.
         self.retries.clear();
         self.claims.abort_all();
-                self.busy
+        self.busy
             .retain(|_, b| !matches!(b, Busy::Claiming | Busy::Admitting));
         let held_keys = self.stop_holding();
         if let Some(order) = &mut self.order {
-                        let waiting = match self.group {
+            let waiting = match self.group {
                 // Running entries keep their keys until settled: their acks release them.
                 Some(_) => order.clear_waiting(),
                 None => order.clear(),
@@ -124,7 +124,7 @@ impl StreamLoop {
         let StreamLoop {
             cmds,
             acker,
-                        ack_task,
+            ack_task,
             reader,
             group,
             ..
@@ -138,7 +138,7 @@ impl StreamLoop {
                 "final acks did not reach redis in time; those entries stay pending and will run again"
             );
         }
-                let goodbye = async {
+        let goodbye = async {
             if let Some(group) = &group {
                 group.expire(held_keys).await;
             }
