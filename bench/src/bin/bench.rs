@@ -1033,9 +1033,11 @@ async fn cluster_daemons(
 }
 
 /// The Redis ceiling of the cluster: one `redis-ceiling` per primary at once, each on its
-/// own stream and node; entries/s from their start to the last one's exit.
-async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Result<f64> {
+/// own stream and node. Entries/s from their start to the last one's exit, and the CPU
+/// seconds used by the consumers and by the redis-servers meanwhile.
+async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Result<ClusterRun> {
     let streams = cluster_preload(cluster, "ceiling", n).await?;
+    let redis_before = redis_cpu(cluster);
     let started = Instant::now();
     let mut children = Vec::new();
     for (name, _, _) in &streams {
@@ -1050,18 +1052,30 @@ async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Resul
             .map_err(|e| format!("redis-ceiling: {e}"))?;
         children.push(child);
     }
+    let mut consumers_cpu = 0.0;
     for child in children {
         let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             return Err(format!("redis-ceiling failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
+        consumers_cpu += stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("cpu_s=")?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
     }
     let secs = started.elapsed().as_secs_f64();
+    let redis_cpu = redis_cpu(cluster) - redis_before;
     for (name, _, client) in &streams {
         let _: i64 = client.del(name.as_str()).await?;
         let _ = client.quit().await;
     }
-    Ok(n as f64 / secs)
+    Ok(ClusterRun {
+        rate: n as f64 / secs,
+        daemons_cpu: consumers_cpu,
+        workers_cpu: 0.0,
+        redis_cpu,
+    })
 }
 
 async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
@@ -1082,16 +1096,18 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
             m[k.trailing_zeros() as usize] =
                 Some(cluster_daemons(opts, &dir, &cluster, n, k, mbr).await?);
         }
-        let ceiling = cluster_ceiling(opts, &cluster, n).await?;
-        let m: Vec<ClusterRun> = m.into_iter().flatten().collect();
+        let c = cluster_ceiling(opts, &cluster, n).await?;
+        let ceiling = c.rate;
+        let mut m: Vec<ClusterRun> = m.into_iter().flatten().collect();
         let us = |s: f64| s * 1e6 / n as f64;
         let mut row = vec![m[0].rate, m[1].rate, m[2].rate, ceiling];
         row.extend([m[1].rate / m[0].rate, m[2].rate / m[0].rate, m[0].rate / ceiling]);
+        m.push(c);
         for r in &m {
             row.extend([us(r.daemons_cpu), us(r.workers_cpu), us(r.redis_cpu)]);
         }
         eprintln!(
-            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | CPU us/entry daemons (ceiling: consumers)+workers+redis: {}",
             run + 1,
             row[0],
             row[1],
@@ -1108,7 +1124,7 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
         .collect();
     let r = |i: usize| list(&rows.iter().map(|f| f[i]).collect::<Vec<_>>(), 3);
     Ok(format!(
-        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | CPU us/entry daemons (ceiling: consumers)+workers+redis: {}",
         med[0],
         med[1],
         med[2],
@@ -1122,9 +1138,9 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
     ))
 }
 
-/// `1: a+b+c=t  2: ...  4: ...` from a scenario-5 row.
+/// `1: a+b+c=t  2: ...  4: ...  ceiling: a+0+c=t` from a scenario-5 row.
 fn cpu_breakdown(row: &[f64]) -> String {
-    [1, 2, 4]
+    ["1", "2", "4", "ceiling"]
         .iter()
         .enumerate()
         .map(|(i, k)| {
