@@ -967,7 +967,7 @@ fn redis_cpu(cluster: &BenchCluster) -> f64 {
 }
 
 /// `k` daemons (consumers bench-0 ..) sharing the group of one stream per primary, worker
-/// mode, from their start to the last XACK.
+/// mode: entries/s and CPU from the moment every daemon is ready to the last XACK.
 async fn cluster_daemons(
     opts: &Opts,
     dir: &Path,
@@ -993,11 +993,32 @@ async fn cluster_daemons(
         write_config_as(&config, &cluster.url(), &format!("bench-{j}"), &specs)?;
         configs.push(config);
     }
-    let redis_before = redis_cpu(cluster);
-    let started = Instant::now();
     let mut daemons = Vec::new();
     for (j, config) in configs.iter().enumerate() {
         daemons.push(Daemon::start(opts, config, &dir.join(format!("cluster-{k}-{j}.log")))?);
+    }
+    // The window starts once every daemon is ready (its workers and connections set up:
+    // with 4 daemons, 192 workers), so start-up does not count; entries acked before that
+    // are left out of the rate.
+    for d in &mut daemons {
+        d.wait_ready()?;
+    }
+    let daemons_cpu = |ds: &[Daemon]| -> (f64, f64) {
+        let own = ds.iter().map(|d| bench::proc_cpu_secs(d.pid()).unwrap_or(f64::NAN)).sum();
+        let workers = ds.iter().map(|d| bench::children_cpu_secs(d.pid())).sum();
+        (own, workers)
+    };
+    let (own_before, workers_before) = daemons_cpu(&daemons);
+    let redis_before = redis_cpu(cluster);
+    let started = Instant::now();
+    let mut acked_before = 0;
+    for (name, _, client) in &streams {
+        let info = bench::group_info(client, name, GROUP).await?;
+        acked_before += info.entries_read.unwrap_or(0).saturating_sub(info.pending);
+    }
+    let measured = n.saturating_sub(acked_before as usize);
+    if measured < n / 2 {
+        return Err(format!("{acked_before} of {n} entries acked before every daemon was ready").into());
     }
     let mut done = started;
     for (name, last, client) in &streams {
@@ -1008,11 +1029,7 @@ async fn cluster_daemons(
     }
     let secs = done.duration_since(started).as_secs_f64();
     let redis_cpu = redis_cpu(cluster) - redis_before;
-    let daemons_cpu: f64 = daemons
-        .iter()
-        .map(|d| bench::proc_cpu_secs(d.pid()).unwrap_or(f64::NAN))
-        .sum();
-    let workers_cpu: f64 = daemons.iter().map(|d| bench::children_cpu_secs(d.pid())).sum();
+    let (own_after, workers_after) = daemons_cpu(&daemons);
     for d in daemons {
         d.stop()?;
     }
@@ -1024,11 +1041,13 @@ async fn cluster_daemons(
         let _: i64 = client.del(name.as_str()).await?;
         let _ = client.quit().await;
     }
+    // CPU per entry is taken over `n` entries everywhere: scale the window's CPU to it.
+    let scale = n as f64 / measured as f64;
     Ok(ClusterRun {
-        rate: n as f64 / secs,
-        daemons_cpu,
-        workers_cpu,
-        redis_cpu,
+        rate: measured as f64 / secs,
+        daemons_cpu: (own_after - own_before) * scale,
+        workers_cpu: (workers_after - workers_before) * scale,
+        redis_cpu: redis_cpu * scale,
     })
 }
 
