@@ -5,7 +5,10 @@
 //! alone in a child copy of the test binary instead: the parent test starts it with
 //! [`child_test`], the child test body runs only when [`child_marker`] is set.
 
-use std::process::{Command, Output};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Set in the environment of a child test process; its value says how it was started.
 pub const CHILD_MARKER: &str = "REDIS_STREAMD_TEST_CHILD";
@@ -44,4 +47,75 @@ pub fn assert_child_passed(name: &str, out: &Output) {
         stdout.contains("1 passed"),
         "child test {name} did not run:\n{stdout}"
     );
+}
+
+/// A throwaway redis-server on a free loopback port, no persistence, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pong(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        for _ in 0..10 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "no", "--dir"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if pong(port) {
+                    return RedisServer {
+                        child,
+                        port,
+                        _dir: dir,
+                    };
+                }
+                if child.try_wait().expect("try_wait").is_some() {
+                    break; // port taken: try another
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
 }

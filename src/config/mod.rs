@@ -126,6 +126,18 @@ pub(crate) struct StreamConfig {
 }
 
 #[cfg(test)]
+impl RedisConfig {
+    /// `url` with a 10 s connect timeout, for unit tests.
+    pub(crate) fn for_tests(url: &str) -> RedisConfig {
+        RedisConfig {
+            url: url.to_owned(),
+            connect_timeout: Some(Duration::from_secs(10)),
+            tls: TlsFiles::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 impl StreamConfig {
     /// A stream `s` of group `g` running `handler` with the documented defaults, for unit
     /// tests (struct update syntax changes the rest).

@@ -43,6 +43,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// treated as dead (reconnect, command sent again). Never applies to a blocked read.
 const COMMANDS_UNRESPONSIVE: Duration = Duration::from_secs(10);
 
+/// The same connection error again within this long is not logged again.
+const REPEATED_ERROR: Duration = Duration::from_secs(1);
 /// A router that ran this long before it ended restarts after the shortest delay.
 const ROUTER_STABLE: Duration = Duration::from_secs(30);
 
@@ -320,13 +322,23 @@ pub fn watch_connection(
     let mut errors = client.error_rx();
     let mut reconnects = client.reconnect_rx();
     tokio::spawn(async move {
+        // fred reports an error that closes a connection twice (as the reply, then as the
+        // connection's end): one log line is enough.
+        let mut last: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
                 e = errors.recv() => match e {
                     Ok((error, server)) => {
                         let error = RedisError::connect(error);
                         let node = server.map(|s| s.to_string()).unwrap_or_default();
-                        tracing::warn!(role, %error, node, "redis connection lost");
+                        let text = format!("{node} {error}");
+                        let repeated = last.as_ref().is_some_and(|(previous, at)| {
+                            *previous == text && at.elapsed() < REPEATED_ERROR
+                        });
+                        if !repeated {
+                            tracing::warn!(role, %error, node, "redis connection lost");
+                        }
+                        last = Some((text, Instant::now()));
                         on_change(false);
                     }
                     Err(RecvError::Lagged(_)) => {}
@@ -356,23 +368,25 @@ mod tests {
 
     /// redis-server with TLS only, on a free port.
     fn start_tls(pki: &Pki, auth_clients: bool) -> Server {
-        Server::start_with(|port| {
-            let path = |p: &std::path::Path| p.display().to_string();
-            vec![
-                "--port".into(),
-                "0".into(),
-                "--tls-port".into(),
-                port.to_string(),
-                "--tls-cert-file".into(),
-                path(&pki.server_cert),
-                "--tls-key-file".into(),
-                path(&pki.server_key),
-                "--tls-ca-cert-file".into(),
-                path(&pki.ca),
-                "--tls-auth-clients".into(),
-                if auth_clients { "yes" } else { "no" }.into(),
-            ]
-        })
+        Server::start_with(|port| tls_args(pki, port, auth_clients))
+    }
+
+    fn tls_args(pki: &Pki, port: u16, auth_clients: bool) -> Vec<String> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(&pki.server_cert),
+            "--tls-key-file".into(),
+            path(&pki.server_key),
+            "--tls-ca-cert-file".into(),
+            path(&pki.ca),
+            "--tls-auth-clients".into(),
+            if auth_clients { "yes" } else { "no" }.into(),
+        ]
     }
 
     fn config(url: String, tls: TlsFiles) -> RedisConfig {
@@ -446,5 +460,81 @@ mod tests {
             error.to_string().contains("refused the connection"),
             "{error}"
         );
+    }
+
+    /// Every connection of a `rediss-cluster://` client uses TLS with the configured CA
+    /// and client certificate: keys on all three primaries of a TLS-only cluster.
+    #[tokio::test]
+    async fn tls_cluster_reaches_every_primary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = test_pki::make(dir.path());
+        let nodes: Vec<Server> = (0..3)
+            .map(|_| {
+                Server::start_with(|port| {
+                    let mut args = tls_args(&pki, port, true);
+                    args.extend(
+                        ["--cluster-enabled", "yes", "--tls-cluster", "yes"].map(String::from),
+                    );
+                    args
+                })
+            })
+            .collect();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let mut create = std::process::Command::new("redis-cli");
+        create
+            .args(["--tls", "--cacert", &path(&pki.ca)])
+            .args([
+                "--cert",
+                &path(&pki.client_cert),
+                "--key",
+                &path(&pki.client_key),
+            ])
+            .arg("--cluster")
+            .arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .arg("--cluster-yes")
+            .output()
+            .expect("redis-cli (Debian package redis-tools)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+
+        let cfg = RedisConfig {
+            url: format!("rediss-cluster://127.0.0.1:{}", nodes[0].port),
+            connect_timeout: Some(Duration::from_secs(20)),
+            tls: TlsFiles {
+                ca_file: Some(pki.ca.clone()),
+                cert_file: Some(pki.client_cert.clone()),
+                key_file: Some(pki.client_key.clone()),
+            },
+        };
+        let stop = CancellationToken::new();
+        let connector = Connector::new(&cfg, Metrics::new(), &stop).expect("connector");
+        let client = connector
+            .connect(Role::Commands, &stop)
+            .await
+            .expect("connect");
+        // "a", "b" and "c" hash to slots owned by the three primaries.
+        for key in ["a", "b", "c"] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                // The cluster may still be agreeing on its slots right after creation.
+                match client.set::<(), _, _>(key, "v", None, None, false).await {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(%e, "cluster not ready yet");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("SET {key}: {e}"),
+                }
+            }
+        }
+        assert_eq!(client.active_connections().len(), 3);
+        let _ = client.quit().await;
     }
 }

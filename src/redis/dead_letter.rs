@@ -180,7 +180,7 @@ mod tests {
 
     use super::*;
     use crate::identity::Consumer;
-    use crate::redis::test_server::Server;
+    use crate::test_support::RedisServer as Server;
 
     fn s(text: &str) -> Value {
         Value::String(text.into())

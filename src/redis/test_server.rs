@@ -1,5 +1,6 @@
-//! Unit-test helper: a throwaway `redis-server` on a free loopback port, no persistence,
-//! killed and waited for on drop.
+//! Unit-test helper: a throwaway `redis-server` with arguments of the test's choosing
+//! (TLS, cluster mode) on a free loopback port, no persistence, killed and waited for on
+//! drop. Plain servers: [`crate::test_support::RedisServer`].
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,11 +27,6 @@ fn free_port() -> u16 {
 }
 
 impl Server {
-    /// A plain server: `redis://127.0.0.1:<port>`.
-    pub(crate) fn start() -> Server {
-        Server::start_with(|port| vec!["--port".into(), port.to_string()])
-    }
-
     /// A server whose listening arguments `listen(port)` gives (e.g. TLS only: `--port 0
     /// --tls-port <port> ...`); ready once something accepts on `port`.
     pub(crate) fn start_with(listen: impl Fn(u16) -> Vec<String>) -> Server {
@@ -55,9 +51,5 @@ impl Server {
             port,
             _dir: dir,
         }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
     }
 }

@@ -547,3 +547,96 @@ impl StreamLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop inside the test process, against a real redis-server: no binary, no CLI.
+
+    use std::time::Duration;
+
+    use fred::prelude::{Client, KeysInterface, StreamsInterface};
+
+    use super::*;
+    use crate::config::RedisConfig;
+    use crate::ops::metrics::Metrics;
+    use crate::redis;
+    use crate::test_support::RedisServer;
+
+    /// Polls `cond` every 50 ms for up to a minute (a busy machine is slow, never wrong).
+    async fn eventually<F, Fut>(what: &str, mut cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond().await {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn pending(client: &Client) -> u64 {
+        let summary: Vec<fred::types::Value> =
+            client.xpending("s", "g", ()).await.expect("XPENDING");
+        summary.first().and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_successes_retries_and_dead_letters_failures() {
+        let server = RedisServer::start();
+        let redis_cfg = RedisConfig::for_tests(&server.url());
+        let shutdown = Shutdown::new();
+        let commands = redis::connect(&redis_cfg, shutdown.stop_token())
+            .await
+            .expect("connect");
+        let reader = redis::connect(&redis_cfg, shutdown.stop_token())
+            .await
+            .expect("connect reader");
+        for payload in ["a", "bad", "b", "c"] {
+            let _: String = commands
+                .xadd("s", false, None, "*", vec![("payload", payload)])
+                .await
+                .expect("XADD");
+        }
+        let cfg = StreamConfig {
+            start_id: "0".into(),
+            block: Duration::from_millis(100),
+            max_attempts: 2,
+            retry_backoff: Duration::from_millis(10),
+            ..StreamConfig::for_tests(&["/bin/sh", "-c", "read -r p; [ \"$p\" != bad ]"])
+        };
+        let metrics = Metrics::new();
+        let hooks = LoopHooks {
+            metrics: metrics.stream("s", "g"),
+            health: Health::new(1),
+            liveness: Liveness::new(),
+            sample_group: false,
+        };
+        let stream_loop = StreamLoop::new(cfg, "t", commands.clone(), reader, &shutdown, hooks);
+        stream_loop.create_group(&shutdown).await.expect("group");
+        let running = tokio::spawn(stream_loop.run(shutdown.clone()));
+
+        let c = &commands;
+        eventually("3 acked, 1 dead-lettered after 2 attempts", || async move {
+            let dlq: u64 = c.xlen("s:dlq").await.unwrap_or(0);
+            dlq == 1 && pending(c).await == 0
+        })
+        .await;
+        let dead: Vec<fred::types::Value> = commands
+            .xrange("s:dlq", "-", "+", None)
+            .await
+            .expect("XRANGE");
+        let text = format!("{dead:?}");
+        assert!(
+            text.contains("exit code 1") && text.contains("dlq_attempts"),
+            "{text}"
+        );
+
+        shutdown.stop();
+        tokio::time::timeout(Duration::from_secs(60), running)
+            .await
+            .expect("the loop stops")
+            .expect("the loop task ends cleanly");
+        let _: i64 = commands.del("s").await.expect("DEL");
+    }
+}

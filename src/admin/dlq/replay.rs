@@ -379,76 +379,8 @@ async fn was_added(
 mod tests {
     use super::*;
     use crate::config::RedisConfig;
+    use crate::test_support::RedisServer;
     use bytes::Bytes;
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    /// A throwaway redis-server on a free loopback port, no persistence, killed on drop.
-    struct Server {
-        child: Child,
-        port: u16,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn pong(port: u16) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-    }
-
-    fn start() -> Server {
-        for _ in 0..10 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                ])
-                .args(["--appendonly", "no", "--dir"])
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if pong(port) {
-                    return Server {
-                        child,
-                        port,
-                        _dir: dir,
-                    };
-                }
-                if child.try_wait().expect("try_wait").is_some() {
-                    break; // port taken: try another
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("redis-server did not start");
-    }
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -475,12 +407,8 @@ mod tests {
     /// its XADD is forgotten, and the entry is replayed normally afterwards.
     #[tokio::test]
     async fn two_step_moves_resume_without_doubles() {
-        let server = start();
-        let cfg = RedisConfig {
-            url: format!("redis://127.0.0.1:{}/0", server.port),
-            connect_timeout: Some(Duration::from_secs(10)),
-            tls: Default::default(),
-        };
+        let server = RedisServer::start();
+        let cfg = RedisConfig::for_tests(&server.url());
         let conn = Conn::connect(&cfg).await.expect("connect");
         let (e1, e2, e3) = (
             add_dead(&conn, 1).await,
