@@ -26,8 +26,8 @@ pub mod error;
 pub mod exec;
 pub(crate) mod identity;
 pub mod ops;
-pub mod redis;
+pub(crate) mod redis;
 pub(crate) mod stream;
-pub mod supervisor;
+pub(crate) mod supervisor;
 #[cfg(test)]
 mod test_support;

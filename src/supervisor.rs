@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides, StreamConfig};
 use crate::exec::KILL_GRACE;
-use crate::ops::metrics::{self, Health, Metrics};
+use crate::ops::http::{self, Health};
+use crate::ops::metrics::Metrics;
 use crate::ops::notify::{self, Liveness};
 use crate::ops::shutdown::Shutdown;
 use crate::redis::{self, RedisError};
@@ -152,7 +153,7 @@ async fn serve_metrics(
         .await
         .map_err(|source| DaemonError::MetricsListen { addr, source })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(metrics::serve(
+    tokio::spawn(http::serve(
         listener,
         metrics.clone(),
         health.clone(),
@@ -235,49 +236,31 @@ impl Daemon {
         prepared: Option<mpsc::UnboundedSender<Result<(), RedisError>>>,
     ) -> Running {
         let stop = self.shutdown.child();
-        let connector = self.connector.clone();
-        let consumer = self.config.daemon.consumer.clone();
-        let commands = self.commands.clone();
         let hooks = LoopHooks {
             metrics: self.metrics.stream(&cfg.name, &cfg.group),
             health: self.health.clone(),
             liveness: self.liveness.clone(),
             sample_group: self.config.daemon.metrics_listen.is_some(),
         };
-        let reconnects = self.metrics.clone();
-        let task_cfg = cfg.clone();
+        let setup = LoopSetup {
+            connector: self.connector.clone(),
+            consumer: self.config.daemon.consumer.clone(),
+            commands: self.commands.clone(),
+            metrics: self.metrics.clone(),
+            cfg: cfg.clone(),
+            hooks,
+            prepared,
+        };
         let task_stop = stop.clone();
         let handle = tokio::spawn(async move {
             if let Some(previous) = after {
                 let _ = previous.await;
             }
-            let mut prepared = prepared;
-            let mut report = |result: Result<(), RedisError>| {
-                if let Some(tx) = prepared.take() {
-                    let _ = tx.send(result);
-                }
-            };
-            let reader = match connector
-                .connect(redis::Role::Reader, task_stop.stop_token())
-                .await
-            {
-                Ok(client) => client,
-                Err(RedisError::Stopped) => return report(Ok(())),
-                Err(error) => return report(Err(error)),
-            };
-            redis::watch_connection(&reader, "reader", move |connected| {
-                if connected {
-                    reconnects.redis_reconnect();
-                }
-            });
-            crate::stream::dlq::warn_if_split(&commands, &task_cfg.name, &task_cfg.dlq);
-            let stream_loop =
-                StreamLoop::new(task_cfg, &consumer, commands, reader, &task_stop, hooks);
-            match stream_loop.create_group(&task_stop).await {
-                Ok(()) | Err(RedisError::Stopped) => report(Ok(())),
-                Err(error) => return report(Err(error)),
+            // Boxed and done before the loop runs: the loop's task then holds only the
+            // loop, not the connect and group set-up states (memory per idle stream).
+            if let Some(stream_loop) = Box::pin(setup.run(&task_stop)).await {
+                stream_loop.run(task_stop).await;
             }
-            stream_loop.run(task_stop).await;
         });
         Running { cfg, stop, handle }
     }
@@ -364,5 +347,67 @@ impl Daemon {
         }
         self.loops.clear();
         while self.retiring.join_next().await.is_some() {}
+    }
+}
+
+/// What a stream's task needs before its loop can run.
+struct LoopSetup {
+    connector: redis::Connector,
+    consumer: String,
+    commands: Client,
+    metrics: Arc<Metrics>,
+    cfg: StreamConfig,
+    hooks: LoopHooks,
+    /// Hears when the group is set up (or why it could not be).
+    prepared: Option<mpsc::UnboundedSender<Result<(), RedisError>>>,
+}
+
+impl LoopSetup {
+    /// Connects the loop's reader, builds the loop and sets up its group. `None` when
+    /// shutdown came first or the group cannot be set up (reported to `prepared`).
+    async fn run(mut self, stop: &Shutdown) -> Option<StreamLoop> {
+        let mut report = |result: Result<(), RedisError>| {
+            if let Some(tx) = self.prepared.take() {
+                let _ = tx.send(result);
+            }
+        };
+        let reader = match self
+            .connector
+            .connect(redis::Role::Reader, stop.stop_token())
+            .await
+        {
+            Ok(client) => client,
+            Err(RedisError::Stopped) => {
+                report(Ok(()));
+                return None;
+            }
+            Err(error) => {
+                report(Err(error));
+                return None;
+            }
+        };
+        let reconnects = self.metrics;
+        redis::watch_connection(&reader, "reader", move |connected| {
+            if connected {
+                reconnects.redis_reconnect();
+            }
+        });
+        crate::stream::dlq::warn_if_split(&self.commands, &self.cfg.name, &self.cfg.dlq);
+        let stream_loop = StreamLoop::new(
+            self.cfg,
+            &self.consumer,
+            self.commands,
+            reader,
+            stop,
+            self.hooks,
+        );
+        match stream_loop.create_group(stop).await {
+            Ok(()) | Err(RedisError::Stopped) => report(Ok(())),
+            Err(error) => {
+                report(Err(error));
+                return None;
+            }
+        }
+        Some(stream_loop)
     }
 }

@@ -73,46 +73,48 @@ fn pong(port: u16) -> bool {
 }
 
 impl RedisServer {
+    /// A plain server on a free port, ready once it answers PING.
     pub fn start() -> RedisServer {
         for _ in 0..10 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                ])
-                .args(["--appendonly", "no", "--dir"])
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
+            let server = RedisServer::start_with(|port| vec!["--port".into(), port.to_string()]);
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
-                if pong(port) {
-                    return RedisServer {
-                        child,
-                        port,
-                        _dir: dir,
-                    };
-                }
-                if child.try_wait().expect("try_wait").is_some() {
-                    break; // port taken: try another
+                if pong(server.port) {
+                    return server;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("redis-server did not start");
+    }
+
+    /// A server whose listening arguments `listen(port)` gives (e.g. TLS only: `--port 0
+    /// --tls-port <port> ...`, or cluster mode); ready once something accepts on `port`.
+    pub fn start_with(listen: impl Fn(u16) -> Vec<String>) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(listen(port))
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (Debian package redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RedisServer {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self) -> String {

@@ -17,7 +17,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::AdminError;
 use crate::config::RedisConfig;
+use crate::redis::reply::{rows_of_pairs as rows, text as redis_text, unexpected};
 use crate::redis::{ConsumerInfo, Entry, RedisError, parse_consumers_reply, parse_entries};
+
+/// A reply's text, or an error naming the command.
+fn text(v: Value, command: &'static str) -> Result<String, AdminError> {
+    Ok(redis_text(v, command)?)
+}
+
+/// An unexpected reply to `command`.
+fn unexpected_reply(command: &'static str, value: &Value) -> AdminError {
+    AdminError::Redis(unexpected(command, value))
+}
 
 /// How long an operator command waits for Redis at start when the config sets no
 /// shorter `connect_timeout`.
@@ -280,7 +291,7 @@ impl Conn {
                 .into_iter()
                 .flat_map(|(k, v)| [Value::from(k), v])
                 .collect(),
-            other => return Err(unexpected("HGETALL", &other)),
+            other => return Err(unexpected_reply("HGETALL", &other)),
         };
         let mut out = Vec::with_capacity(flat.len() / 2);
         let mut it = flat.into_iter();
@@ -347,7 +358,7 @@ impl Conn {
             .await
             .map_err(RedisError::from)?;
         let Value::Array(parts) = reply else {
-            return Err(unexpected("XPENDING", &reply));
+            return Err(unexpected_reply("XPENDING", &reply));
         };
         let mut parts = parts.into_iter();
         let count = parts.next().as_ref().and_then(int).unwrap_or(0);
@@ -367,33 +378,6 @@ fn push_fields(args: &mut Vec<Value>, fields: Vec<(Bytes, Bytes)>) {
 }
 
 /// `XINFO` rows: each a flat `[k, v, ...]` array (RESP2) or a map (RESP3).
-fn rows(reply: Value, command: &'static str) -> Result<Vec<Vec<(String, Value)>>, AdminError> {
-    let items = match reply {
-        Value::Null => return Ok(Vec::new()),
-        Value::Array(items) => items,
-        other => return Err(unexpected(command, &other)),
-    };
-    items
-        .into_iter()
-        .map(|row| match row {
-            Value::Array(flat) => {
-                let mut pairs = Vec::with_capacity(flat.len() / 2);
-                let mut it = flat.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    pairs.push((text(k, command)?, v));
-                }
-                Ok(pairs)
-            }
-            Value::Map(map) => Ok(map
-                .inner()
-                .into_iter()
-                .map(|(k, v)| (String::from_utf8_lossy(k.as_bytes()).into_owned(), v))
-                .collect()),
-            other => Err(unexpected(command, &other)),
-        })
-        .collect()
-}
-
 fn int(v: &Value) -> Option<u64> {
     match v {
         Value::Integer(i) => u64::try_from(*i).ok(),
@@ -401,16 +385,4 @@ fn int(v: &Value) -> Option<u64> {
             .as_bytes()
             .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
     }
-}
-
-fn text(v: Value, command: &'static str) -> Result<String, AdminError> {
-    match v.as_bytes().map(|b| String::from_utf8(b.to_vec())) {
-        Some(Ok(s)) => Ok(s),
-        _ => Err(unexpected(command, &v)),
-    }
-}
-
-fn unexpected(command: &'static str, value: &Value) -> AdminError {
-    let reply: String = format!("{value:?}").chars().take(200).collect();
-    AdminError::Redis(RedisError::Reply { command, reply })
 }

@@ -76,6 +76,8 @@ pub struct OwnChild<'a> {
 }
 
 impl OwnChild<'_> {
+    /// The registered pid (tests check the table with it).
+    #[cfg(test)]
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -131,6 +133,8 @@ impl OwnChildren {
         }
     }
 
+    /// Whether `pid` is registered (tests check the table with it).
+    #[cfg(test)]
     pub fn contains(&self, pid: u32) -> bool {
         i32::try_from(pid).is_ok_and(|pid| self.pids().contains(&pid))
     }

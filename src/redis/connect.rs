@@ -119,10 +119,6 @@ impl Connector {
         })
     }
 
-    pub fn deployment(&self) -> Deployment {
-        self.deployment
-    }
-
     /// Connects a new client, retrying with backoff until it works, `connect_timeout`
     /// passes or `stop` is cancelled. Once connected, the client reconnects by itself
     /// forever, and commands sent meanwhile wait for the connection to come back.
@@ -362,9 +358,9 @@ mod tests {
     use fred::prelude::KeysInterface;
 
     use super::*;
-    use crate::redis::test_server::Server;
     use crate::redis::tls::TlsFiles;
     use crate::redis::tls::test_pki::{self, Pki};
+    use crate::test_support::RedisServer as Server;
 
     /// redis-server with TLS only, on a free port.
     fn start_tls(pki: &Pki, auth_clients: bool) -> Server {

@@ -19,8 +19,6 @@ pub(crate) mod dead_letter;
 pub(crate) mod error;
 pub(crate) mod failover;
 pub(crate) mod reply;
-#[cfg(test)]
-pub(crate) mod test_server;
 pub mod tls;
 pub mod url;
 
@@ -28,6 +26,4 @@ pub use commands::StreamCommands;
 pub use connect::{Connector, Role, connect, watch_connection};
 pub use dead_letter::{DeadLetter, DlqWrite};
 pub use error::RedisError;
-pub use reply::{
-    AutoClaim, ConsumerInfo, Entry, PendingEntry, parse_consumers_reply, parse_entries,
-};
+pub use reply::{ConsumerInfo, Entry, parse_consumers_reply, parse_entries};

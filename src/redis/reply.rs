@@ -104,13 +104,15 @@ pub fn parse_consumers_reply(reply: Value) -> Result<Vec<ConsumerInfo>, RedisErr
 }
 
 /// The `XINFO` reply shape: a list of rows, each a flat `[k, v, k, v...]` array (RESP2)
-/// or a map, as (key, value) pairs.
-pub(super) fn rows_of_pairs(
+/// or a map, as (key, value) pairs. Nil is no rows.
+pub(crate) fn rows_of_pairs(
     reply: Value,
     command: &'static str,
 ) -> Result<Vec<Vec<(String, Value)>>, RedisError> {
-    let Value::Array(rows) = reply else {
-        return Err(unexpected(command, &reply));
+    let rows = match reply {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(rows) => rows,
+        other => return Err(unexpected(command, &other)),
     };
     rows.into_iter()
         .map(|row| match row {
@@ -239,7 +241,7 @@ fn bytes(value: Value, command: &'static str) -> Result<Bytes, RedisError> {
     }
 }
 
-pub(super) fn text(value: Value, command: &'static str) -> Result<String, RedisError> {
+pub(crate) fn text(value: Value, command: &'static str) -> Result<String, RedisError> {
     let raw = bytes(value, command)?;
     String::from_utf8(raw.to_vec()).map_err(|_| RedisError::Reply {
         command,
@@ -266,7 +268,7 @@ pub(super) fn integer(value: Value, command: &'static str) -> Result<u64, RedisE
 /// At most this many characters of an unexpected reply go into the error.
 const REPLY_EXCERPT_CHARS: usize = 200;
 
-fn unexpected(command: &'static str, value: &Value) -> RedisError {
+pub(crate) fn unexpected(command: &'static str, value: &Value) -> RedisError {
     // Cut at a character, never at a byte: the reply is foreign text.
     let reply = format!("{value:?}")
         .chars()

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -21,12 +22,15 @@ use crate::backoff::Backoff;
 use crate::config::StreamConfig;
 use crate::exec::{Done, Executor, Job, Outcome};
 use crate::identity::Consumer;
-use crate::ops::metrics::{Health, StreamMetrics};
+use crate::ops::http::Health;
+use crate::ops::metrics::StreamMetrics;
 use crate::ops::notify::Liveness;
 use crate::ops::shutdown::Shutdown;
 use crate::redis::{Entry, RedisError, StreamCommands};
 use crate::stream::ack::{AckTask, Acker};
 use crate::stream::dlq::{self, Failure};
+use crate::stream::group::Group;
+use crate::stream::lease::Lease;
 use crate::stream::order::{Admitted, Order};
 use crate::stream::read::Waits;
 use crate::stream::recovery::{self, Claimed};
@@ -55,8 +59,10 @@ pub(super) enum Busy {
     Claiming,
     /// The executor has it.
     Running(Entry),
-    /// Its DLQ write is under way.
+        /// Its DLQ write is under way.
     DeadLettering,
+    /// Waiting for the lease `admit` step (`order_scope = "group"`).
+    Admitting,
 }
 
 /// The timers whose ticks become [`Event`]s (they also run while a read blocks).
@@ -87,8 +93,11 @@ pub(super) enum Event {
     Refresh,
     /// Time to sample the group for the metrics.
     Sample,
-    /// A refresh or a sample finished (each logs its own trouble).
+        /// A refresh or a sample finished (each logs its own trouble).
     Chore,
+    /// A lease renewal finished: keys found in another consumer's hands, each with the
+    /// entry that held it here when asked (`order_scope = "group"`).
+    Renewed(Result<Vec<(Bytes, String)>, JoinError>),
 }
 
 /// One stream's consume loop, ready to run.
@@ -117,7 +126,9 @@ pub struct StreamLoop {
     pub(super) busy: HashMap<String, Busy>,
     pub(super) retries: RetryQueue,
     /// Per-key order (`order_by`): entries waiting behind their key.
-    pub(super) order: Option<Order>,
+        pub(super) order: Option<Order>,
+    /// `order_scope = "group"`: keys held across the group.
+    pub(super) group: Option<Group>,
     pub(super) claims: JoinSet<Claimed>,
     pub(super) writes: JoinSet<String>,
     /// Refreshes and samples: dropped (aborted) when the loop ends.
@@ -148,11 +159,12 @@ impl StreamLoop {
         let who = Consumer::new(&cfg.name, &cfg.group, consumer);
         let span = tracing::info_span!("stream", stream = %who.stream, group = %who.group, consumer = %who.name);
         // Tasks the acker and the executor start belong to this stream's span.
-        let _in_span = span.enter();
+                let _in_span = span.enter();
+        let lease = Lease::new(&cfg, &who, reader.clone(), commands.clone());
         let cmds = StreamCommands::new(commands, who.clone());
         let reader = StreamCommands::new(reader, who.clone());
         let reconnects = reader.reconnects();
-        let (acker, ack_task) = Acker::spawn(cmds.clone(), hooks.metrics.clone());
+        let (acker, ack_task) = Acker::spawn(cmds.clone(), lease.clone(), hooks.metrics.clone());
         let abort = shutdown.abort_token().clone();
         let (executor, done_rx) = Executor::new(&cfg, &who, abort.clone());
         drop(_in_span);
@@ -176,7 +188,8 @@ impl StreamLoop {
             order: cfg
                 .order
                 .as_ref()
-                .map(|o| Order::new(o.key.clone(), &cfg.payload_field, o.waiting_max)),
+                                .map(|o| Order::new(o.key.clone(), &cfg.payload_field, o.waiting_max)),
+            group: lease.map(Group::new),
             claims: JoinSet::new(),
             writes: JoinSet::new(),
             chores: JoinSet::new(),
@@ -222,9 +235,10 @@ impl StreamLoop {
     }
 
     /// Runs until shutdown, then waits for running handlers and the last acks.
-    pub async fn run(self, shutdown: Shutdown) {
+    /// (Not an `async fn`: that would keep a second copy of the loop in the task.)
+    pub fn run(self, shutdown: Shutdown) -> impl std::future::Future<Output = ()> + Send {
         let span = self.span.clone();
-        self.consume(shutdown).instrument(span).await;
+        self.consume(shutdown).instrument(span)
     }
 
     async fn consume(mut self, shutdown: Shutdown) {
@@ -283,7 +297,8 @@ impl StreamLoop {
             Some(done) = self.done_rx.recv() => Event::Done(done),
             Some(claimed) = self.claims.join_next(), if !self.claims.is_empty() => Event::Claimed(claimed),
             Some(written) = self.writes.join_next(), if !self.writes.is_empty() => Event::Written(written),
-            Some(_) = self.chores.join_next(), if !self.chores.is_empty() => Event::Chore,
+                        Some(_) = self.chores.join_next(), if !self.chores.is_empty() => Event::Chore,
+            Some(renewed) = Group::next_renewal(&mut self.group) => Event::Renewed(renewed),
             _ = timers.refresh.tick() => Event::Refresh,
             _ = timers.sample.tick(), if self.sample_group => Event::Sample,
         }
@@ -291,11 +306,20 @@ impl StreamLoop {
 
     pub(super) fn handle(&mut self, event: Event) {
         match event {
-            Event::Done(done) => self.finished(done),
+            Event::Done(done) => {
+                self.finished(done);
+                // Reports come in bursts (a worker's pipelined replies, a batch of
+                // handlers): settle what is queued now, not one select round each.
+                while let Ok(done) = self.done_rx.try_recv() {
+                    self.finished(done);
+                }
+            }
             Event::Claimed(Ok(claimed)) => self.claimed(claimed),
-            Event::Written(Ok(id)) => {
+                        Event::Written(Ok(id)) => {
                 self.busy.remove(&id);
-                self.released(&id);
+                if let Some(key) = self.released(&id) {
+                    self.acker.release(id, key);
+                }
             }
             Event::Claimed(Err(error)) | Event::Written(Err(error)) => {
                 // Claims are cancelled on purpose when the loop stops.
@@ -305,7 +329,13 @@ impl StreamLoop {
             }
             Event::Refresh => self.refresh(),
             Event::Sample => self.sample(),
-            Event::Chore => {}
+                        Event::Chore => {}
+            Event::Renewed(Ok(lost)) => self.leases_lost(lost),
+            Event::Renewed(Err(error)) => {
+                if !error.is_cancelled() {
+                    tracing::error!(%error, "lease renewal task failed");
+                }
+            }
         }
     }
 
@@ -328,6 +358,10 @@ impl StreamLoop {
             tracing::warn!(id = %entry.id, "read returned more entries than requested; leaving it pending");
             return;
         };
+                if self.group.is_some() {
+            // Counted as read once decided ours (it may be handed over).
+            return self.defer_admission(entry, attempt, slot);
+        }
         self.metrics.read(1);
         let Some(order) = &mut self.order else {
             return self.start(entry, attempt, slot);
@@ -351,13 +385,18 @@ impl StreamLoop {
         self.order_changed();
     }
 
-    /// The entry `id` is settled for good (acked, dead-lettered, deleted, or another
-    /// consumer's now): the next entry of its key, if any, may run.
-    fn released(&mut self, id: &str) {
-        if let Some(order) = &mut self.order {
-            order.settled(id);
-            self.start_ready(&mut Vec::new());
-        }
+        /// The entry `id` is settled for good (acked, dead-lettered, deleted, or another
+    /// consumer's now): the next entry of its key, if any, may run. In group scope,
+    /// returns the key it held, to release from the key's lease in Redis.
+    fn released(&mut self, id: &str) -> Option<Bytes> {
+        let order = self.order.as_mut()?;
+        let key = match &self.group {
+            Some(_) => order.key_held_by(id).cloned(),
+            None => None,
+        };
+        order.settled(id);
+        self.start_ready(&mut Vec::new());
+        key
     }
 
     /// Starts entries whose key came free, with `permits` first, then free slots.
@@ -391,7 +430,7 @@ impl StreamLoop {
     }
 
     /// Starts attempt `attempt` at `entry` with `slot`, or settles it when it cannot run.
-    fn start(&mut self, entry: Entry, attempt: u64, slot: OwnedSemaphorePermit) {
+        pub(super) fn start(&mut self, entry: Entry, attempt: u64, slot: OwnedSemaphorePermit) {
         match settle::admit(&self.cfg, &entry, attempt) {
             Admit::Run(payload) => {
                 self.metrics.in_flight_inc();
@@ -404,13 +443,13 @@ impl StreamLoop {
                 self.busy.insert(entry.id.clone(), Busy::Running(entry));
             }
             Admit::Deleted => {
-                self.busy.remove(&entry.id);
-                self.released(&entry.id);
+                                self.busy.remove(&entry.id);
+                let key = self.released(&entry.id);
                 self.deleted(
                     &entry.id,
                     "entry was deleted from the stream while pending; acking it away",
                 );
-                self.acker.ack(entry.id);
+                                self.acker.ack_and_release(entry.id, key);
             }
             // The slot is held until the write is done, as a run would hold it.
             Admit::DeadLetter(failure) => self.dead_letter(entry, failure, Some(slot)),
@@ -433,9 +472,9 @@ impl StreamLoop {
             Settle::Ack => {
                 // debug, not info: one line per success is most of a busy daemon's log
                 // volume and measurable per-entry cost; successes are counted in metrics.
-                tracing::debug!(%id, attempt, elapsed_ms, "handled");
-                self.released(&id);
-                self.acker.ack(id);
+                                tracing::debug!(%id, attempt, elapsed_ms, "handled");
+                let key = self.released(&id);
+                self.acker.ack_and_release(id, key);
             }
             Settle::KeepPending => {
                 tracing::warn!(%id, attempt, elapsed_ms, "handler terminated by shutdown; entry stays pending");
@@ -525,17 +564,21 @@ impl StreamLoop {
             Claimed::Entry { entry, .. } => {
                 self.busy.remove(&entry.id);
             }
-            Claimed::Gone { id } => {
+                        Claimed::Gone { id } => {
                 self.busy.remove(&id);
-                self.released(&id);
                 self.deleted(
                     &id,
-                    "entry was deleted from the stream while waiting for its retry",
+                                        "entry was deleted from the stream while waiting for its retry",
                 );
+                if let Some(key) = self.released(&id) {
+                    self.acker.release(id, key);
+                }
             }
             Claimed::NotOurs { id } => {
                 self.busy.remove(&id);
-                self.released(&id);
+                if let Some(key) = self.released(&id) {
+                    self.acker.release(id, key);
+                }
             }
             Claimed::Failed { id } => {
                 self.busy.remove(&id);
@@ -579,6 +622,31 @@ mod tests {
         let summary: Vec<fred::types::Value> =
             client.xpending("s", "g", ()).await.expect("XPENDING");
         summary.first().and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
+    }
+
+    /// An idle loop's task is as large as its largest state, for every configured stream:
+    /// rarely taken paths (and fred's large command futures) are boxed to keep it small.
+    #[tokio::test]
+    async fn an_idle_loop_task_stays_small() {
+        let server = RedisServer::start();
+        let redis_cfg = RedisConfig::for_tests(&server.url());
+        let shutdown = Shutdown::new();
+        let commands = redis::connect(&redis_cfg, shutdown.stop_token())
+            .await
+            .expect("connect");
+        let reader = commands.clone_new();
+        let metrics = Metrics::new();
+        let hooks = LoopHooks {
+            metrics: metrics.stream("s", "g"),
+            health: Health::new(1),
+            liveness: Liveness::new(),
+            sample_group: false,
+        };
+        let cfg = StreamConfig::for_tests(&["/bin/true"]);
+        let stream_loop = StreamLoop::new(cfg, "t", commands, reader, &shutdown, hooks);
+        let task = stream_loop.run(shutdown);
+        let size = std::mem::size_of_val(&task);
+        assert!(size < 6 * 1024, "the loop's future takes {size} bytes");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,8 @@
 //! - [`settle`]: pure decisions: admit an entry, settle a run.
 //! - [`retry`]: the timer heap of waiting retries.
 //! - [`order`]: per-key ordering (`order_by`): entries waiting behind their key.
+//! - [`lease`]: keys held across the group (`order_scope = "group"`): the Lua steps.
+//!   [`group`]: the loop's side of it.
 //! - [`recovery`]: lost deliveries, XAUTOCLAIM, retry claims, idle consumers.
 //! - [`ack`]: batched, retried XACKs. [`dlq`]: the dead-letter write.
 //! - [`payload`]: what the handler reads on stdin.
@@ -26,6 +28,8 @@
 pub(crate) mod ack;
 pub(crate) mod consume;
 pub(crate) mod dlq;
+pub(crate) mod group;
+pub(crate) mod lease;
 pub(crate) mod order;
 pub(crate) mod payload;
 mod read;

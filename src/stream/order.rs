@@ -6,6 +6,13 @@
 //! without a read slot; when the holder is settled for good (acked, dead-lettered, or
 //! gone to another consumer) the next one becomes the holder and is *ready*: it runs as
 //! soon as a read slot is free. An entry without a key is not ordered.
+//!
+//! With `order_scope = "group"` the same queues hold the keys this consumer holds in the
+//! group (see [`super::lease`] for how keys are held across consumers): the key of an
+//! entry is then the one the lease scripts computed ([`Order::admit_keyed`]), entries
+//! join their key's queue in id order (they may come from other consumers, handed over,
+//! or from a consumer presumed dead), and a key taken over by another consumer is
+//! dropped with its waiting entries ([`Order::lose`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -61,6 +68,24 @@ pub(crate) struct Order {
     ready: VecDeque<Waiting>,
     /// Entries waiting behind a held key (not counting `ready`).
     waiting: usize,
+}
+
+/// A key held here, for renewing its lease (`order_scope = "group"`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HeldKey {
+    pub(crate) key: Bytes,
+    /// The entry holding it (running, retrying, being dead-lettered, or ready).
+    pub(crate) holder: String,
+    /// The holder and the entries waiting behind it.
+    pub(crate) ids: Vec<String>,
+}
+
+/// A stream entry id (`<ms>-<seq>`) as a pair of numbers, for ordering; ids that do not
+/// parse sort last.
+pub(crate) fn id_number(id: &str) -> (u64, u64) {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or((u64::MAX, u64::MAX))
 }
 
 /// What [`Order::admit`] decided.
@@ -127,7 +152,29 @@ impl Order {
     /// Takes an entry the loop received: it runs now if its key is free (and then holds
     /// it) or it has none; otherwise it waits behind its key's holder.
     pub(crate) fn admit(&mut self, entry: Entry, attempt: u64) -> Admitted {
-        let Some(key) = key_of(&self.source, &self.payload_field, &entry) else {
+        let key = key_of(&self.source, &self.payload_field, &entry);
+        self.admit_with(entry, attempt, key, false)
+    }
+
+    /// [`Order::admit`] with the key already known (`order_scope = "group"`: the lease
+    /// scripts compute it). A waiting entry joins its key's queue in id order.
+    pub(crate) fn admit_keyed(
+        &mut self,
+        entry: Entry,
+        attempt: u64,
+        key: Option<Bytes>,
+    ) -> Admitted {
+        self.admit_with(entry, attempt, key, true)
+    }
+
+    fn admit_with(
+        &mut self,
+        entry: Entry,
+        attempt: u64,
+        key: Option<Bytes>,
+        in_id_order: bool,
+    ) -> Admitted {
+        let Some(key) = key else {
             return Admitted::Run {
                 entry,
                 attempt,
@@ -143,11 +190,23 @@ impl Order {
                     keyed: true,
                 };
             }
-            held.waiting.push_back(Waiting {
-                entry,
-                attempt,
-                since: Instant::now(),
-            });
+            let at = if in_id_order {
+                let id = id_number(&entry.id);
+                held.waiting
+                    .iter()
+                    .position(|w| id_number(&w.entry.id) > id)
+                    .unwrap_or(held.waiting.len())
+            } else {
+                held.waiting.len()
+            };
+            held.waiting.insert(
+                at,
+                Waiting {
+                    entry,
+                    attempt,
+                    since: Instant::now(),
+                },
+            );
             self.waiting += 1;
             return Admitted::Queued;
         }
@@ -189,10 +248,90 @@ impl Order {
         }
     }
 
+    /// An entry [`Order::admit_keyed`] said to run, for which there is no read slot now:
+    /// it keeps its key and runs as soon as a slot is free, before anything read later.
+    pub(crate) fn push_ready(&mut self, entry: Entry, attempt: u64) {
+        self.ready.push_back(Waiting {
+            entry,
+            attempt,
+            since: Instant::now(),
+        });
+    }
+
+    /// The key the entry `id` holds, if it holds one.
+    pub(crate) fn key_held_by(&self, id: &str) -> Option<&Bytes> {
+        self.key_of_holder.get(id)
+    }
+
+    /// Ids of entries without a key waiting for a read slot ([`Order::push_ready`]).
+    pub(crate) fn unkeyed_ready_ids(&self) -> impl Iterator<Item = &String> {
+        self.ready
+            .iter()
+            .map(|w| &w.entry.id)
+            .filter(|id| !self.key_of_holder.contains_key(*id))
+    }
+
+    /// Every held key with the id of the entry holding it (running, retrying, being
+    /// dead-lettered, or ready to run) and the ids waiting behind it.
+    pub(crate) fn held_keys(&self) -> Vec<HeldKey> {
+        self.held
+            .iter()
+            .map(|(key, held)| HeldKey {
+                key: key.clone(),
+                holder: held.holder.clone(),
+                ids: std::iter::once(held.holder.clone())
+                    .chain(held.waiting.iter().map(|w| w.entry.id.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The key was taken over by another consumer while `holder` held it here (we were
+    /// presumed dead): the entries waiting for it, and the holder itself if it has not
+    /// started yet, are that consumer's now and are dropped. A holder that runs finishes
+    /// (then [`Order::settled`] frees the key). Nothing happens when another entry holds
+    /// the key by now (the report is older than that): `None`. Returns how many were
+    /// dropped.
+    pub(crate) fn lose(&mut self, key: &Bytes, holder: &str) -> Option<usize> {
+        let held = self.held.get_mut(key)?;
+        if held.holder != holder {
+            return None;
+        }
+        let dropped = held.waiting.len();
+        held.waiting.clear();
+        self.waiting -= dropped;
+        let before = self.ready.len();
+        self.ready.retain(|w| w.entry.id != holder);
+        if self.ready.len() < before {
+            self.key_of_holder.remove(holder);
+            self.held.remove(key);
+            return Some(dropped + 1);
+        }
+        Some(dropped)
+    }
+
     /// The next ready entry and how long it waited.
     pub(crate) fn next_ready(&mut self) -> Option<(Entry, u64, std::time::Duration)> {
         let w = self.ready.pop_front()?;
         Some((w.entry, w.attempt, w.since.elapsed()))
+    }
+
+    /// The loop stops (group scope): entries waiting for their key, ready ones included,
+    /// are forgotten (they stay pending, ours, and in their keys' leases); entries in hand
+    /// keep their keys until settled, so their acks release them. Returns how many
+    /// entries were waiting.
+    pub(crate) fn clear_waiting(&mut self) -> usize {
+        let waiting = self.waiting();
+        for held in self.held.values_mut() {
+            held.waiting.clear();
+        }
+        self.waiting = 0;
+        for w in self.ready.drain(..) {
+            if let Some(key) = self.key_of_holder.remove(&w.entry.id) {
+                self.held.remove(&key);
+            }
+        }
+        waiting
     }
 
     /// Forgets everything (the loop stops: waiting entries stay pending, in our pending
@@ -290,6 +429,69 @@ mod tests {
         o.settled("4");
         o.settled("2");
         assert_eq!((o.waiting(), o.keys_held()), (0, 0));
+    }
+
+    #[test]
+    fn group_scope_keys_are_given_and_arrivals_wait_in_id_order() {
+        let mut o = Order::new(KeySource::Field("unused".into()), "payload", 10);
+        let k = || Some(Bytes::from_static(b"a"));
+        let e = |id: &str| entry(id, &[]);
+        assert_eq!(run_id(o.admit_keyed(e("5-0"), 1, k())), "5-0");
+        // Handed over later but with lower ids than one waiting already: id order.
+        assert!(matches!(o.admit_keyed(e("9-0"), 1, k()), Admitted::Queued));
+        assert!(matches!(o.admit_keyed(e("10-0"), 1, k()), Admitted::Queued));
+        assert!(matches!(o.admit_keyed(e("7-3"), 2, k()), Admitted::Queued));
+        assert!(matches!(
+            o.admit_keyed(e("6-0"), 1, None),
+            Admitted::Run { keyed: false, .. }
+        ));
+        let held = o.held_keys();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].holder, "5-0");
+        assert_eq!(held[0].ids, ["5-0", "7-3", "9-0", "10-0"]);
+        assert_eq!(o.key_held_by("5-0").map(|k| &k[..]), Some(&b"a"[..]));
+        o.settled("5-0");
+        let (next, attempt, _) = o.next_ready().expect("7-3 is ready");
+        assert_eq!((next.id.as_str(), attempt), ("7-3", 2));
+        // No slot for it: it waits as ready and keeps its key.
+        o.push_ready(next, attempt);
+        assert!(o.has_ready());
+        assert_eq!(o.unkeyed_ready_ids().count(), 0);
+        o.push_ready(e("6-0"), 1);
+        assert_eq!(o.unkeyed_ready_ids().collect::<Vec<_>>(), ["6-0"]);
+        assert_eq!(o.held_keys()[0].holder, "7-3");
+    }
+
+    #[test]
+    fn a_lost_key_drops_what_waits_unless_another_entry_holds_it_by_now() {
+        let mut o = Order::new(KeySource::Field("unused".into()), "payload", 10);
+        let a = Bytes::from_static(b"a");
+        let e = |id: &str| entry(id, &[]);
+        o.admit_keyed(e("1-0"), 1, Some(a.clone()));
+        o.admit_keyed(e("2-0"), 1, Some(a.clone()));
+        o.admit_keyed(e("3-0"), 1, Some(a.clone()));
+        // A report about an older holder changes nothing.
+        assert_eq!(o.lose(&a, "0-1"), None);
+        // The running holder stays (it finishes); the waiting ones go.
+        assert_eq!(o.lose(&a, "1-0"), Some(2));
+        assert_eq!((o.waiting(), o.keys_held()), (0, 1));
+        o.settled("1-0");
+        assert_eq!(o.keys_held(), 0);
+        // A ready holder that has not started goes with its key.
+        o.admit_keyed(e("4-0"), 1, Some(a.clone()));
+        o.admit_keyed(e("5-0"), 1, Some(a.clone()));
+        o.settled("4-0");
+        assert!(o.has_ready());
+        assert_eq!(o.lose(&a, "5-0"), Some(1));
+        assert!(!o.has_ready());
+        assert_eq!((o.waiting(), o.keys_held()), (0, 0));
+    }
+
+    #[test]
+    fn ids_order_numerically() {
+        assert!(id_number("9-0") < id_number("10-0"));
+        assert!(id_number("10-2") < id_number("10-10"));
+        assert_eq!(id_number("nonsense"), (u64::MAX, u64::MAX));
     }
 
     #[test]

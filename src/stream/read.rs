@@ -3,6 +3,7 @@
 //! blocking read itself, during which reports, background steps and timers are still
 //! handled.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,12 +66,10 @@ impl StreamLoop {
             permits.push(more);
         }
         if self.executor.batches_reads() && !(self.claims.is_empty() && self.writes.is_empty()) {
-            gather_slots(
-                &self.slots,
-                &mut permits,
-                self.executor.slot_count().div_ceil(2),
-            )
-            .await;
+            // Boxed, as every rarely taken path here: an idle loop's task is as large as
+            // its largest state.
+            let want = self.executor.slot_count().div_ceil(2);
+            Box::pin(gather_slots(&self.slots, &mut permits, want)).await;
         }
         self.start_due_retries(&mut permits);
         self.start_ready(&mut permits);
@@ -81,7 +80,11 @@ impl StreamLoop {
         if self.backlog_cursor.is_none()
             && let Some(cursor) = self.claim_cursor.take()
         {
-            self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
+                        self.claim_cursor = Box::pin(self.claim_round(&cursor, &mut permits)).await;
+        }
+        // Group scope: entries recovered or claimed above are decided before the read.
+        if !Box::pin(self.admit_deferred(shutdown, waits)).await {
+            return false;
         }
         // With per-key order, a read may bring entries that wait behind their key: read
         // no more than there is room for them.
@@ -92,9 +95,12 @@ impl StreamLoop {
         if count == 0 {
             if !permits.is_empty() {
                 // Every slot could run, but the waiting room is full: wait for a change.
-                return self.wait_for_room(shutdown, waits).await;
+                return Box::pin(self.wait_for_room(shutdown, waits)).await;
             }
             return true;
+        }
+                if self.group.is_some() && self.backlog_cursor.is_none() {
+            return Box::pin(self.group_read(count, &mut permits, shutdown, waits)).await;
         }
         let Some(read) = self.read(count, shutdown, waits).await else {
             return false;
@@ -124,9 +130,11 @@ impl StreamLoop {
                     tracing::debug!("own pending entries done; reading new ones");
                 }
                 for entry in entries {
-                    let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
+                                        let attempt = attempts.get(&entry.id).copied().unwrap_or(1);
                     self.take(entry, attempt, &mut permits);
                 }
+                // Group scope: they are decided now (they hold slots meanwhile).
+                return Box::pin(self.admit_deferred(shutdown, waits)).await;
             }
             // The read bumped their counters; they stay pending and the cursor stays
             // put, so the next round reads them again.
@@ -150,10 +158,24 @@ impl StreamLoop {
             Some(cursor) => (cursor.clone(), None),
             None => (">".to_owned(), Some(self.block_for())),
         };
+                let reader = self.reader.clone();
+        let read = async move { reader.read(count, block, &id).await };
+        self.on_reader(read, block, shutdown, waits).await
+    }
+
+    /// Waits for `call` on the reader's connection, handling reports, background steps
+    /// and timers meanwhile; `block` is how long it may block in Redis, if it does (see
+    /// [`StreamLoop::read`]). `None` at shutdown.
+    pub(super) async fn on_reader<T>(
+        &mut self,
+        call: impl Future<Output = T>,
+        block: Option<Duration>,
+        shutdown: &Shutdown,
+        waits: &mut Waits<'_>,
+    ) -> Option<T> {
         let ends = block.map(|block| Instant::now() + block);
-        let reader = self.reader.clone();
         // Boxed: an idle loop waits here, and its task is as large as this state.
-        let mut read = Box::pin(async move { reader.read(count, block, &id).await });
+        let mut read = Box::pin(call);
         let mut wake_at: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -166,7 +188,7 @@ impl StreamLoop {
                 _ = waits.beat.tick() => waits.alive.beat(),
                 _ = sleep_until_some(wake_at) => {
                     wake_at = None;
-                    self.reader.unblock().await;
+                    Box::pin(self.reader.unblock()).await;
                 }
             }
             if let (Some(ends), Some(due)) = (ends, self.retries.next_due())
@@ -193,7 +215,7 @@ impl StreamLoop {
 
     /// How long the next `>` read may block: `block`, but no longer than until the next
     /// retry is due.
-    fn block_for(&mut self) -> Duration {
+    pub(super) fn block_for(&mut self) -> Duration {
         let block = self.cfg.block;
         match self.retries.next_due() {
             Some(due) => block
@@ -214,7 +236,7 @@ impl StreamLoop {
         }
     }
 
-    async fn read_failed(&mut self, error: RedisError, shutdown: &Shutdown) {
+    pub(super) async fn read_failed(&mut self, error: RedisError, shutdown: &Shutdown) {
         let delay = self.read_backoff.fail();
         if error.is_nogroup() {
             tracing::warn!("consumer group is gone (NOGROUP); recreating it");

@@ -30,7 +30,7 @@ pub(super) fn in_hand(
 }
 
 impl StreamLoop {
-    fn is_in_hand(&self, id: &str) -> bool {
+    pub(super) fn is_in_hand(&self, id: &str) -> bool {
         in_hand(
             id,
             |id| {
@@ -199,6 +199,12 @@ pub(super) async fn claim_for_retry(
         // list) or someone touched it since we looked.
         Ok(None) => match cmds.entry(&id).await {
             Ok(entry) if entry.fields.is_none() => Claimed::Gone { id },
+            // Touched by our own lease renewal (order_scope = "group" keeps a key's
+            // retrying entry fresh) between the two steps: still ours, claim it again.
+            Ok(_) if still_ours(&cmds, &id).await => {
+                tracing::debug!(%id, "entry was refreshed while claimed for its retry; claiming it again");
+                Claimed::Failed { id }
+            }
             Ok(_) => {
                 tracing::debug!(%id, "claimed elsewhere; nothing to retry");
                 Claimed::NotOurs { id }
@@ -207,6 +213,12 @@ pub(super) async fn claim_for_retry(
         },
         Err(error) => failed(id, error),
     }
+}
+
+/// Whether `id` is pending at our consumer (an error counts as no: the caller then leaves
+/// the entry to whoever has it).
+async fn still_ours(cmds: &StreamCommands, id: &str) -> bool {
+    matches!(cmds.pending_entry(id).await, Ok(Some(row)) if row.consumer == cmds.who.name)
 }
 
 /// Removes other consumers that have been idle longer than `reap_idle` and hold no

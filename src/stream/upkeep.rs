@@ -38,7 +38,10 @@ impl StreamLoop {
     pub(super) fn refresh(&mut self) {
         let mut ids: Vec<String> = self.busy.keys().cloned().collect();
         ids.extend(self.retries.reruns().cloned());
-        if let Some(order) = &self.order {
+                if self.group.is_some() {
+            // Group scope: entries of held keys are kept fresh with their leases.
+            self.renew_leases(&mut ids);
+        } else if let Some(order) = &self.order {
             ids.extend(order.waiting_ids().cloned());
         }
         ids.extend(self.acker.unconfirmed());
@@ -83,9 +86,15 @@ impl StreamLoop {
         // pending, and the next start (or another consumer's claim) runs them.
         self.retries.clear();
         self.claims.abort_all();
-        self.busy.retain(|_, b| !matches!(b, Busy::Claiming));
+                self.busy
+            .retain(|_, b| !matches!(b, Busy::Claiming | Busy::Admitting));
+        let held_keys = self.stop_holding();
         if let Some(order) = &mut self.order {
-            let waiting = order.clear();
+                        let waiting = match self.group {
+                // Running entries keep their keys until settled: their acks release them.
+                Some(_) => order.clear_waiting(),
+                None => order.clear(),
+            };
             if waiting > 0 {
                 tracing::info!(
                     waiting,
@@ -115,8 +124,9 @@ impl StreamLoop {
         let StreamLoop {
             cmds,
             acker,
-            ack_task,
+                        ack_task,
             reader,
+            group,
             ..
         } = self;
         // Dropping the last Acker lets the ack task flush and end.
@@ -128,7 +138,10 @@ impl StreamLoop {
                 "final acks did not reach redis in time; those entries stay pending and will run again"
             );
         }
-        let goodbye = async {
+                let goodbye = async {
+            if let Some(group) = &group {
+                group.expire(held_keys).await;
+            }
             recovery::leave_group_if_idle(&cmds).await;
             reader.quit().await;
         };

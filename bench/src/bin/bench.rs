@@ -6,7 +6,7 @@
 //! details of every run go to stderr.
 //!
 //! ```text
-//! bench --daemon ../target/release/redis-streamd [--runs 3] [--quick] [--only 1,2,3,4]
+//! bench --daemon ../target/release/redis-streamd [--runs 3] [--quick] [--only 1,2,3,4,5]
 //!       [--work DIR] [--keep]
 //! ```
 
@@ -22,6 +22,9 @@ use bench::{
 };
 use fred::prelude::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+#[path = "../scenario_order.rs"]
+mod scenario_order;
 
 /// Payload size of every scenario (bytes of the `payload` field).
 const PAYLOAD_BYTES: usize = 100;
@@ -114,6 +117,12 @@ async fn run_all(opts: &Opts) -> Result<()> {
     }
     if opts.wants("5") {
         report("5", cluster_scale(opts, wn, 16).await);
+    }
+    if opts.wants("6") || opts.wants("6a") {
+        report("6a", scenario_order::ordered(opts, n, false).await);
+    }
+    if opts.wants("6") || opts.wants("6b") {
+        report("6b", scenario_order::ordered(opts, n, true).await);
     }
     Ok(())
 }
