@@ -976,7 +976,7 @@ fn redis_cpu(cluster: &BenchCluster) -> f64 {
 }
 
 /// `k` daemons (consumers bench-0 ..) sharing the group of one stream per primary, worker
-/// mode, from their start to the last XACK.
+/// mode: entries/s and CPU from the moment every daemon is ready to the last XACK.
 async fn cluster_daemons(
     opts: &Opts,
     dir: &Path,
@@ -1002,11 +1002,32 @@ async fn cluster_daemons(
         write_config_as(&config, &cluster.url(), &format!("bench-{j}"), &specs)?;
         configs.push(config);
     }
-    let redis_before = redis_cpu(cluster);
-    let started = Instant::now();
     let mut daemons = Vec::new();
     for (j, config) in configs.iter().enumerate() {
         daemons.push(Daemon::start(opts, config, &dir.join(format!("cluster-{k}-{j}.log")))?);
+    }
+    // The window starts once every daemon is ready (its workers and connections set up:
+    // with 4 daemons, 192 workers), so start-up does not count; entries acked before that
+    // are left out of the rate.
+    for d in &mut daemons {
+        d.wait_ready()?;
+    }
+    let daemons_cpu = |ds: &[Daemon]| -> (f64, f64) {
+        let own = ds.iter().map(|d| bench::proc_cpu_secs(d.pid()).unwrap_or(f64::NAN)).sum();
+        let workers = ds.iter().map(|d| bench::children_cpu_secs(d.pid())).sum();
+        (own, workers)
+    };
+    let (own_before, workers_before) = daemons_cpu(&daemons);
+    let redis_before = redis_cpu(cluster);
+    let started = Instant::now();
+    let mut acked_before = 0;
+    for (name, _, client) in &streams {
+        let info = bench::group_info(client, name, GROUP).await?;
+        acked_before += info.entries_read.unwrap_or(0).saturating_sub(info.pending);
+    }
+    let measured = n.saturating_sub(acked_before as usize);
+    if measured < n / 2 {
+        return Err(format!("{acked_before} of {n} entries acked before every daemon was ready").into());
     }
     let mut done = started;
     for (name, last, client) in &streams {
@@ -1017,11 +1038,7 @@ async fn cluster_daemons(
     }
     let secs = done.duration_since(started).as_secs_f64();
     let redis_cpu = redis_cpu(cluster) - redis_before;
-    let daemons_cpu: f64 = daemons
-        .iter()
-        .map(|d| bench::proc_cpu_secs(d.pid()).unwrap_or(f64::NAN))
-        .sum();
-    let workers_cpu: f64 = daemons.iter().map(|d| bench::children_cpu_secs(d.pid())).sum();
+    let (own_after, workers_after) = daemons_cpu(&daemons);
     for d in daemons {
         d.stop()?;
     }
@@ -1033,18 +1050,22 @@ async fn cluster_daemons(
         let _: i64 = client.del(name.as_str()).await?;
         let _ = client.quit().await;
     }
+    // CPU per entry is taken over `n` entries everywhere: scale the window's CPU to it.
+    let scale = n as f64 / measured as f64;
     Ok(ClusterRun {
-        rate: n as f64 / secs,
-        daemons_cpu,
-        workers_cpu,
-        redis_cpu,
+        rate: measured as f64 / secs,
+        daemons_cpu: (own_after - own_before) * scale,
+        workers_cpu: (workers_after - workers_before) * scale,
+        redis_cpu: redis_cpu * scale,
     })
 }
 
 /// The Redis ceiling of the cluster: one `redis-ceiling` per primary at once, each on its
-/// own stream and node; entries/s from their start to the last one's exit.
-async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Result<f64> {
+/// own stream and node. Entries/s from their start to the last one's exit, and the CPU
+/// seconds used by the consumers and by the redis-servers meanwhile.
+async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Result<ClusterRun> {
     let streams = cluster_preload(cluster, "ceiling", n).await?;
+    let redis_before = redis_cpu(cluster);
     let started = Instant::now();
     let mut children = Vec::new();
     for (name, _, _) in &streams {
@@ -1059,18 +1080,30 @@ async fn cluster_ceiling(opts: &Opts, cluster: &BenchCluster, n: usize) -> Resul
             .map_err(|e| format!("redis-ceiling: {e}"))?;
         children.push(child);
     }
+    let mut consumers_cpu = 0.0;
     for child in children {
         let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             return Err(format!("redis-ceiling failed: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
+        consumers_cpu += stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("cpu_s=")?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
     }
     let secs = started.elapsed().as_secs_f64();
+    let redis_cpu = redis_cpu(cluster) - redis_before;
     for (name, _, client) in &streams {
         let _: i64 = client.del(name.as_str()).await?;
         let _ = client.quit().await;
     }
-    Ok(n as f64 / secs)
+    Ok(ClusterRun {
+        rate: n as f64 / secs,
+        daemons_cpu: consumers_cpu,
+        workers_cpu: 0.0,
+        redis_cpu,
+    })
 }
 
 async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
@@ -1091,16 +1124,18 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
             m[k.trailing_zeros() as usize] =
                 Some(cluster_daemons(opts, &dir, &cluster, n, k, mbr).await?);
         }
-        let ceiling = cluster_ceiling(opts, &cluster, n).await?;
-        let m: Vec<ClusterRun> = m.into_iter().flatten().collect();
+        let c = cluster_ceiling(opts, &cluster, n).await?;
+        let ceiling = c.rate;
+        let mut m: Vec<ClusterRun> = m.into_iter().flatten().collect();
         let us = |s: f64| s * 1e6 / n as f64;
         let mut row = vec![m[0].rate, m[1].rate, m[2].rate, ceiling];
         row.extend([m[1].rate / m[0].rate, m[2].rate / m[0].rate, m[0].rate / ceiling]);
+        m.push(c);
         for r in &m {
             row.extend([us(r.daemons_cpu), us(r.workers_cpu), us(r.redis_cpu)]);
         }
         eprintln!(
-            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+            "   5 run {}: 1 daemon {:.0}/s, 2 daemons {:.0}/s, 4 daemons {:.0}/s, ceiling {ceiling:.0}/s | 2/1 {:.3} 4/1 {:.3} 1/ceiling {:.3} | CPU us/entry daemons (ceiling: consumers)+workers+redis: {}",
             run + 1,
             row[0],
             row[1],
@@ -1117,7 +1152,7 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
         .collect();
     let r = |i: usize| list(&rows.iter().map(|f| f[i]).collect::<Vec<_>>(), 3);
     Ok(format!(
-        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | CPU us/entry daemons+workers+redis: {}",
+        "cluster, 3 primaries, one stream each, worker mode, ok-worker, {n} entries, max_block_read {mbr}: 1 daemon {:.0}/s  2 daemons {:.0}/s  4 daemons {:.0}/s  redis ceiling (3 consumers) {:.0}/s | 2/1 {:.3} (runs: {})  4/1 {:.3} (runs: {})  1/ceiling {:.3} | CPU us/entry daemons (ceiling: consumers)+workers+redis: {}",
         med[0],
         med[1],
         med[2],
@@ -1131,9 +1166,9 @@ async fn cluster_scale(opts: &Opts, n: usize, mbr: usize) -> Result<String> {
     ))
 }
 
-/// `1: a+b+c=t  2: ...  4: ...` from a scenario-5 row.
+/// `1: a+b+c=t  2: ...  4: ...  ceiling: a+0+c=t` from a scenario-5 row.
 fn cpu_breakdown(row: &[f64]) -> String {
-    [1, 2, 4]
+    ["1", "2", "4", "ceiling"]
         .iter()
         .enumerate()
         .map(|(i, k)| {
