@@ -1,4 +1,6 @@
-//! Unit-test helpers shared by modules whose tests need a process of their own.
+//! Unit-test helpers shared by modules whose tests need a process of their own, or a
+//! redis-server. Compiled for tests only (`#[cfg(test)]` in lib.rs): an `expect` here
+//! fails a test, never the daemon.
 //!
 //! Some tests change process-wide state (environment variables, the subreaper flag, the
 //! tracing callsite cache) that tests running in parallel threads would disturb. They run

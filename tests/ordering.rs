@@ -76,6 +76,34 @@ fn recording_worker(dir: &Path) -> std::path::PathBuf {
     script
 }
 
+/// A redis-server with stream `chat` and its group `g` (from the start), a work dir for
+/// the handlers, and a client.
+async fn chat() -> (RedisServer, tempfile::TempDir, TestClient) {
+    let redis = RedisServer::start();
+    let work = workdir();
+    let c = TestClient::connect(&redis.url()).await;
+    c.create_group("chat", "g", "0").await;
+    (redis, work, c)
+}
+
+/// Daemons with these consumer names, each running `table`.
+fn start_daemons(redis: &RedisServer, names: &[&str], table: &str) -> Vec<Daemon> {
+    names
+        .iter()
+        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", table)))
+        .collect()
+}
+
+/// Adds one entry of key `k` whose handler sleeps `sleep` seconds and fails when `fail`.
+async fn add_one(c: &TestClient, k: &str, seq: u64, sleep: &str, fail: bool) -> String {
+    let payload = format!("{k} {seq} {sleep}{}", if fail { " fail" } else { "" });
+    c.xadd(
+        "chat",
+        &[("k", k.as_bytes()), ("payload", payload.as_bytes())],
+    )
+    .await
+}
+
 /// Checks, per key and (when `per_consumer`) per consumer, that runs start in sequence
 /// order and never overlap. Retries of one entry (same seq) may follow each other.
 fn assert_ordered(runs: &[Run], per_consumer: bool) {
@@ -184,17 +212,11 @@ async fn add_entries(
 /// it received in order, one at a time; every entry is acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_scope_three_daemons_keep_order_within_each() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let last = add_keyed(&c, "chat", 50, 40, false).await;
     let table = fast_stream("chat", "g", &script, "max_block_read = 8\norder_by = \"k\"");
-    let daemons: Vec<Daemon> = ["a", "b", "c"]
-        .iter()
-        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
-        .collect();
+    let daemons = start_daemons(&redis, &["a", "b", "c"], &table);
     daemons[0].wait_settled(&c, "chat", "g", &last).await;
     let runs = runs(work.path());
     assert_eq!(runs.len(), 2000, "every entry ran once");
@@ -207,22 +229,9 @@ async fn consumer_scope_three_daemons_keep_order_within_each() {
 /// entry of its key starts only after the DLQ write; other keys keep running meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_entry_holds_its_key_through_retries_and_dlq() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
-    let add = |k: &'static str, seq: u64, fail: bool| {
-        let c = &c;
-        async move {
-            let payload = format!("{k} {seq} 0{}", if fail { " fail" } else { "" });
-            c.xadd(
-                "chat",
-                &[("k", k.as_bytes()), ("payload", payload.as_bytes())],
-            )
-            .await
-        }
-    };
+    let add = |k: &'static str, seq: u64, fail: bool| add_one(&c, k, seq, "0", fail);
     let bad = add("a", 0, true).await;
     add("a", 1, false).await;
     for seq in 0..20 {
@@ -268,11 +277,8 @@ async fn failing_entry_holds_its_key_through_retries_and_dlq() {
 /// keys are not held up by the hot one (entries waiting behind it hold no read slot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_does_not_hold_up_other_keys() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let mut last = String::new();
     for i in 0..500 {
         let payload = format!("hot {i} 0");
@@ -364,11 +370,8 @@ async fn entries_without_a_key_run_unordered_and_are_counted() {
 /// a Python worker records each request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_mode_keeps_per_key_order() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = recording_worker(work.path());
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let last = add_keyed(&c, "chat", 20, 20, true).await;
     let table = fast_stream(
         "chat",
@@ -426,11 +429,8 @@ async fn assert_no_leases_left(d: &Daemon, c: &TestClient) {
 /// the daemons cost no attempt); nothing of the leases is left at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_scope_two_daemons_keep_order_across_both() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let last = add_keyed_randomly(&c, "chat", 50, 40, false).await;
     let table = fast_stream(
         "chat",
@@ -438,10 +438,7 @@ async fn group_scope_two_daemons_keep_order_across_both() {
         &script,
         "max_block_read = 8\norder_by = \"k\"\norder_scope = \"group\"",
     );
-    let daemons: Vec<Daemon> = ["a", "b"]
-        .iter()
-        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
-        .collect();
+    let daemons = start_daemons(&redis, &["a", "b"], &table);
     daemons[0].wait_settled(&c, "chat", "g", &last).await;
     let runs = runs(work.path());
     assert_eq!(runs.len(), 2000, "every entry ran once");
@@ -537,11 +534,8 @@ async fn group_scope_hand_over_costs_no_attempt() {
 /// nothing of the leases is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_scope_kill9_takeover_keeps_order() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let (keys, per_key) = (20, 30);
     let mut last = String::new();
     for seq in 0..per_key {
@@ -611,11 +605,8 @@ async fn group_scope_kill9_takeover_keeps_order() {
 /// Worker mode in group scope: two daemons of Python workers, key by JSON Pointer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_scope_worker_mode_keeps_order_across_daemons() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = recording_worker(work.path());
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let last = add_keyed_randomly(&c, "chat", 20, 20, true).await;
     let table = fast_stream(
         "chat",
@@ -623,10 +614,7 @@ async fn group_scope_worker_mode_keeps_order_across_daemons() {
         &script,
         "mode = \"worker\"\nmax_block_read = 4\norder_by_json = \"/k\"\norder_scope = \"group\"",
     );
-    let daemons: Vec<Daemon> = ["a", "b"]
-        .iter()
-        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
-        .collect();
+    let daemons = start_daemons(&redis, &["a", "b"], &table);
     daemons[0].wait_settled(&c, "chat", "g", &last).await;
     let runs = runs(work.path());
     assert_eq!(runs.len(), 400);
@@ -671,11 +659,8 @@ async fn holding_x(c: &TestClient, url: &str, name: &str, script: &Path, ids: &[
 /// them in order, before the entry it read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_scope_stop_hands_waiting_entries_to_the_next_consumer() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let ids = add_x(&c, 10, "0.3").await;
     let mut a = holding_x(&c, &redis.url(), "a", &script, &ids).await;
     assert_eq!(a.terminate(MEDIUM).map(|s| s.code()), Some(Some(0)));
@@ -703,11 +688,8 @@ async fn group_scope_stop_hands_waiting_entries_to_the_next_consumer() {
 /// pending list, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_scope_restart_runs_own_pending_entries_in_order() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
     let ids = add_x(&c, 10, "0.2").await;
     let mut a = holding_x(&c, &redis.url(), "a", &script, &ids).await;
     assert_eq!(a.terminate(MEDIUM).map(|s| s.code()), Some(Some(0)));
@@ -726,22 +708,9 @@ async fn group_scope_restart_runs_own_pending_entries_in_order() {
 /// dead-lettering across both daemons; the other key keeps running meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_scope_failing_entry_holds_its_key_across_daemons() {
-    let redis = RedisServer::start();
-    let work = workdir();
+    let (redis, work, c) = chat().await;
     let script = write_script(work.path(), "h.sh", RECORDING_HANDLER);
-    let c = TestClient::connect(&redis.url()).await;
-    c.create_group("chat", "g", "0").await;
-    let add = |k: &'static str, seq: u64, fail: bool| {
-        let c = &c;
-        async move {
-            let payload = format!("{k} {seq} 0.01{}", if fail { " fail" } else { "" });
-            c.xadd(
-                "chat",
-                &[("k", k.as_bytes()), ("payload", payload.as_bytes())],
-            )
-            .await
-        }
-    };
+    let add = |k: &'static str, seq: u64, fail: bool| add_one(&c, k, seq, "0.01", fail);
     let bad = add("a", 0, true).await;
     let mut last = String::new();
     for seq in 1..=10 {
@@ -754,10 +723,7 @@ async fn group_scope_failing_entry_holds_its_key_across_daemons() {
         &script,
         "max_block_read = 2\norder_by = \"k\"\norder_scope = \"group\"\nmax_attempts = 3",
     );
-    let daemons: Vec<Daemon> = ["a", "b"]
-        .iter()
-        .map(|name| Daemon::start(&config_as(&redis.url(), name, "10s", &table)))
-        .collect();
+    let daemons = start_daemons(&redis, &["a", "b"], &table);
     daemons[0].wait_settled(&c, "chat", "g", &last).await;
     let dlq = c.xrange_all("chat:dlq").await;
     assert_eq!(dlq.len(), 1);

@@ -498,35 +498,8 @@ handler = ["sh", "-c", "cat"]
             redact("redis://user:hunter2@host:6379/0"),
             "redis://user:***@host:6379/0"
         );
-        assert_eq!(redact("rediss://:hunter2@host"), "rediss://:***@host");
-        assert_eq!(redact("redis://host:6379/0"), "redis://host:6379/0");
-        assert_eq!(redact("redis://user@host"), "redis://user@host");
-        assert_eq!(redact("user:hunter2@host"), "user:***@host");
-        for odd in [
-            "",
-            "@",
-            ":@",
-            "://",
-            "redis://",
-            "redis://:",
-            "é:ü@ß",
-            "redis://@@",
-        ] {
-            let _ = redact(odd);
-        }
-        for url in [
-            "redis://u:hunter2@h",
-            "redis://:hunter2@h/0",
-            "redis://u:hun/ter2@h",
-            "redis://u:hunter2@h@h2",
-            "redis://u:hu:nter2@h",
-        ] {
-            let r = redact(url);
-            assert!(
-                !r.contains("hunter2") && !r.contains("nter2"),
-                "{url} -> {r}"
-            );
-        }
+        // The URL forms and odd inputs are redis::url's tests; here: it is used, and Debug
+        // never shows the password either.
         let debug = format!(
             "{:?}",
             ok(&MINIMAL.replace("redis://", "redis://:hunter2@"))

@@ -624,6 +624,16 @@ mod tests {
         summary.first().and_then(|v| v.as_u64()).unwrap_or(u64::MAX)
     }
 
+    /// Hooks for a loop of stream `s`, group `g`, with nobody watching.
+    fn hooks() -> LoopHooks {
+        LoopHooks {
+            metrics: Metrics::new().stream("s", "g"),
+            health: Health::new(1),
+            liveness: Liveness::new(),
+            sample_group: false,
+        }
+    }
+
     /// An idle loop's task is as large as its largest state, for every configured stream:
     /// rarely taken paths (and fred's large command futures) are boxed to keep it small.
     #[tokio::test]
@@ -635,15 +645,8 @@ mod tests {
             .await
             .expect("connect");
         let reader = commands.clone_new();
-        let metrics = Metrics::new();
-        let hooks = LoopHooks {
-            metrics: metrics.stream("s", "g"),
-            health: Health::new(1),
-            liveness: Liveness::new(),
-            sample_group: false,
-        };
         let cfg = StreamConfig::for_tests(&["/bin/true"]);
-        let stream_loop = StreamLoop::new(cfg, "t", commands, reader, &shutdown, hooks);
+        let stream_loop = StreamLoop::new(cfg, "t", commands, reader, &shutdown, hooks());
         let task = stream_loop.run(shutdown);
         let size = std::mem::size_of_val(&task);
         assert!(size < 6 * 1024, "the loop's future takes {size} bytes");
@@ -673,14 +676,7 @@ mod tests {
             retry_backoff: Duration::from_millis(10),
             ..StreamConfig::for_tests(&["/bin/sh", "-c", "read -r p; [ \"$p\" != bad ]"])
         };
-        let metrics = Metrics::new();
-        let hooks = LoopHooks {
-            metrics: metrics.stream("s", "g"),
-            health: Health::new(1),
-            liveness: Liveness::new(),
-            sample_group: false,
-        };
-        let stream_loop = StreamLoop::new(cfg, "t", commands.clone(), reader, &shutdown, hooks);
+        let stream_loop = StreamLoop::new(cfg, "t", commands.clone(), reader, &shutdown, hooks());
         stream_loop.create_group(&shutdown).await.expect("group");
         let running = tokio::spawn(stream_loop.run(shutdown.clone()));
 
