@@ -373,6 +373,47 @@ async fn cluster_dlq_same_slot_atomic_and_cross_slot_warned_once() {
         "no warning for the co-located stream:\n{log}"
     );
     run.assert_running();
+    operator_commands_work_on_the_cluster(&run).await;
+}
+
+/// The operator commands (issue 13) against the same Cluster, with the daemon's config:
+/// `status`, `dlq ls`, and `dlq replay` both ways (the DLQ in its stream's slot: one
+/// script; in another slot: the two-step move).
+async fn operator_commands_work_on_the_cluster(run: &Run) {
+    let cfg = run.daemons[0].config_path.to_string_lossy().into_owned();
+    let cli = |args: &[&str]| {
+        let mut all = vec!["-c", cfg.as_str()];
+        all.extend_from_slice(args);
+        run_cli(&all, &[], LONG)
+    };
+    let status = cli(&["status", "--json"]);
+    assert_eq!(status.code(), Some(0), "{status}");
+    for name in ["{orders}", "payments"] {
+        assert!(
+            status.stdout.contains(name),
+            "status lacks {name}: {status}"
+        );
+    }
+    let ls = cli(&["dlq", "ls", "--json"]);
+    assert_eq!(ls.code(), Some(0), "{ls}");
+    assert_eq!(ls.stdout.lines().count(), 4, "{ls}");
+    for (stream, dlq) in [("{orders}", "{orders}:dlq"), ("payments", "payments:dlq")] {
+        let replay = cli(&[
+            "dlq", "replay", "--all", "--yes", "--rate", "0", "--stream", stream,
+        ]);
+        assert_eq!(replay.code(), Some(0), "{replay}");
+        assert!(replay.stdout.contains("replayed 2 entries"), "{replay}");
+        let audit = run.c.xrange_all(&format!("{dlq}:audit")).await;
+        assert_eq!(audit.len(), 1, "{dlq}:audit");
+        let back = run
+            .c
+            .xrange_all(stream)
+            .await
+            .into_iter()
+            .filter(|e| e.get("redis_streamd_replays").is_some())
+            .count();
+        assert_eq!(back, 2, "{stream}: replayed entries in the source stream");
+    }
 }
 
 /// Calls of `command` on the node on `port` (INFO commandstats), None when never called.
