@@ -84,7 +84,8 @@ impl Conn {
         let client = crate::redis::connect(&cfg, &CancellationToken::new())
             .await
             .map_err(|e| match e {
-                RedisError::Url(url) => AdminError::Config(format!("invalid redis url: {url}")),
+                // A URL or TLS file the daemon would refuse too (it exits 78 on them).
+                e if e.is_config() => AdminError::Config(e.to_string()),
                 other => AdminError::Unavailable(other.to_string()),
             })?;
         let normal = Options {
