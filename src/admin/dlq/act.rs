@@ -19,14 +19,22 @@ use crate::admin::timefmt::{now_ms, rfc3339};
 const PREVIEW: usize = 10;
 
 /// What the operator asked to touch.
-pub(crate) struct Request<'a> {
-    pub(crate) ids: &'a [String],
-    pub(crate) filter: &'a FilterArgs,
+#[derive(Debug, clap::Args)]
+pub(crate) struct Request {
+    /// Entry ids in the dead-letter stream (or select entries with filters or --all).
+    #[arg(value_name = "ID")]
+    pub(crate) ids: Vec<String>,
+    /// Only the dead-letter entries of this configured stream.
+    #[arg(long, value_name = "S")]
+    pub(crate) stream: Option<String>,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
+    /// Every entry of the dead-letter streams (of --stream).
+    #[arg(long)]
     pub(crate) all: bool,
-    pub(crate) stream: Option<&'a str>,
 }
 
-impl Request<'_> {
+impl Request {
     /// IDs, or filters / `--all`: exactly one of the two.
     pub(crate) fn check(&self, verb: &str) -> Result<(), AdminError> {
         let by_filter = self.all || !self.filter.is_empty();
@@ -45,7 +53,7 @@ impl Request<'_> {
     /// The request as a command-line fragment, for the audit entry.
     pub(crate) fn describe(&self) -> String {
         let mut parts = Vec::new();
-        if let Some(s) = self.stream {
+        if let Some(s) = &self.stream {
             parts.push(format!("--stream {s:?}"));
         }
         if self.all {
@@ -128,13 +136,13 @@ impl Selection {
 pub(crate) async fn select(
     conn: &Conn,
     targets: &[Target],
-    req: &Request<'_>,
+    req: &Request,
     skip: impl Fn(&DlqEntry) -> Option<Skip>,
 ) -> Result<Selection, AdminError> {
     let mut sel = Selection::default();
     if !req.ids.is_empty() {
         let mut entries = Vec::new();
-        for id in req.ids {
+        for id in &req.ids {
             match find(conn, targets, id).await? {
                 Some(e)
                     if !entries
@@ -156,7 +164,7 @@ pub(crate) async fn select(
         return Ok(sel);
     }
     for target in targets {
-        scan(conn, target, req.filter, |e| {
+        scan(conn, target, &req.filter, |e| {
             sel.take(e, &skip);
             ControlFlow::Continue(())
         })

@@ -7,7 +7,6 @@ use super::act::{self, Audit, Request, Selection};
 use super::targets;
 use crate::admin::confirm::confirm;
 use crate::admin::conn::Conn;
-use crate::admin::filter::FilterArgs;
 use crate::admin::output::entries;
 use crate::admin::output::note;
 use crate::admin::progress::{Progress, stop_on_signal};
@@ -20,17 +19,8 @@ const XDEL_BATCH: usize = 100;
 /// `dlq purge (ID... | filters | --all) [--stream S] [--dry-run] [--yes]`
 #[derive(Debug, clap::Args)]
 pub struct PurgeArgs {
-    /// Entry ids in the dead-letter stream (or select entries with filters or --all).
-    #[arg(value_name = "ID")]
-    ids: Vec<String>,
-    /// Only the dead-letter entries of this configured stream.
-    #[arg(long, value_name = "S")]
-    stream: Option<String>,
     #[command(flatten)]
-    filter: FilterArgs,
-    /// Every entry of the dead-letter streams (of --stream).
-    #[arg(long)]
-    all: bool,
+    req: Request,
     /// Print how many entries would be deleted and the first of them; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -40,15 +30,10 @@ pub struct PurgeArgs {
 }
 
 pub(crate) async fn run(args: PurgeArgs, config: &Config, conn: &Conn) -> Result<Done, AdminError> {
-    let req = Request {
-        ids: &args.ids,
-        filter: &args.filter,
-        all: args.all,
-        stream: args.stream.as_deref(),
-    };
+    let req = &args.req;
     req.check("purge")?;
-    let targets = targets(config, args.stream.as_deref())?;
-    let sel = act::select(conn, &targets, &req, |_| None).await?;
+    let targets = targets(config, req.stream.as_deref())?;
+    let sel = act::select(conn, &targets, req, |_| None).await?;
     act::report_missing(&sel, &targets);
     let total = sel.total();
     let mut out = std::io::stdout().lock();
@@ -78,10 +63,10 @@ pub(crate) async fn run(args: PurgeArgs, config: &Config, conn: &Conn) -> Result
         note!("nothing done");
         return Ok(Done::Nothing);
     }
-    execute(conn, &sel, &req).await
+    execute(conn, &sel, req).await
 }
 
-async fn execute(conn: &Conn, sel: &Selection, req: &Request<'_>) -> Result<Done, AdminError> {
+async fn execute(conn: &Conn, sel: &Selection, req: &Request) -> Result<Done, AdminError> {
     let stop = stop_on_signal()?;
     let mut progress = Progress::new("purging", sel.total());
     let mut lines = Vec::new();

@@ -22,7 +22,6 @@ use super::entry::{DlqEntry, REPLAYED_FROM_FIELD};
 use super::{Target, targets};
 use crate::admin::confirm::confirm;
 use crate::admin::conn::Conn;
-use crate::admin::filter::FilterArgs;
 use crate::admin::output::entries;
 use crate::admin::output::note;
 use crate::admin::progress::{Pacer, Progress, Rate, parse_rate, stop_on_signal};
@@ -39,17 +38,8 @@ const RECOVERY_MARGIN_MS: u64 = 60_000;
 /// [--max-replays 3]`
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// Entry ids in the dead-letter stream (or select entries with filters or --all).
-    #[arg(value_name = "ID")]
-    ids: Vec<String>,
-    /// Only the dead-letter entries of this configured stream.
-    #[arg(long, value_name = "S")]
-    stream: Option<String>,
     #[command(flatten)]
-    filter: FilterArgs,
-    /// Every entry of the dead-letter streams (of --stream).
-    #[arg(long)]
-    all: bool,
+    req: Request,
     /// Entries per second: 50/s, 600/m, 0 for no limit.
     #[arg(long, value_name = "RATE", default_value = "50/s", value_parser = parse_rate)]
     rate: Rate,
@@ -77,19 +67,14 @@ pub(crate) async fn run(
     config: &Config,
     conn: &Conn,
 ) -> Result<Done, AdminError> {
-    let req = Request {
-        ids: &args.ids,
-        filter: &args.filter,
-        all: args.all,
-        stream: args.stream.as_deref(),
-    };
+    let req = &args.req;
     req.check("replay")?;
-    let targets = targets(config, args.stream.as_deref())?;
+    let targets = targets(config, req.stream.as_deref())?;
     if !args.dry_run {
         finish_interrupted(conn, &targets).await?;
     }
     let max = args.max_replays;
-    let sel = act::select(conn, &targets, &req, |e| match e.source_stream() {
+    let sel = act::select(conn, &targets, req, |e| match e.source_stream() {
         None => Some(Skip::NoSource),
         Some(_) if e.replays() >= max => Some(Skip::MaxReplays),
         Some(_) => None,
@@ -126,7 +111,7 @@ pub(crate) async fn run(
         note!("nothing done");
         return Ok(Done::Nothing);
     }
-    execute(conn, &sel, &req, args.rate, max).await
+    execute(conn, &sel, req, args.rate, max).await
 }
 
 fn skipped_note(sel: &Selection, max: u64) -> String {
@@ -149,7 +134,7 @@ fn skipped_note(sel: &Selection, max: u64) -> String {
 async fn execute(
     conn: &Conn,
     sel: &Selection,
-    req: &Request<'_>,
+    req: &Request,
     rate: Rate,
     max: u64,
 ) -> Result<Done, AdminError> {
