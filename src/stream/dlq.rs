@@ -123,7 +123,7 @@ pub async fn dead_letter(
                 .map(|_| DeadLetter::Done),
         };
         let error = match attempt {
-            Ok(outcome) => return settled(cmds, dlq, entry, failure, outcome),
+            Ok(outcome) => return settled(dlq, entry, failure, outcome),
             Err(error) => error,
         };
         let delay = backoff.fail();
@@ -155,20 +155,13 @@ pub async fn dead_letter(
 }
 
 /// Logs what a completed dead-letter write did; whether the entry was written.
-fn settled(
-    cmds: &StreamCommands,
-    dlq: &str,
-    entry: &Entry,
-    failure: &Failure,
-    outcome: DeadLetter,
-) -> bool {
-    let (stream, group, id) = (&cmds.who.stream, &cmds.who.group, &entry.id);
+fn settled(dlq: &str, entry: &Entry, failure: &Failure, outcome: DeadLetter) -> bool {
+    // stream, group and consumer come from the loop's span (the write runs inside it).
+    let id = &entry.id;
     let elapsed_ms = failure.elapsed.map(|d| d.as_millis() as u64);
     match outcome {
         DeadLetter::Done => {
             tracing::warn!(
-                %stream,
-                %group,
                 %id,
                 attempt = failure.attempts,
                 elapsed_ms,
@@ -180,8 +173,6 @@ fn settled(
         }
         DeadLetter::AckFailed(error) => {
             tracing::warn!(
-                %stream,
-                %group,
                 %id,
                 attempt = failure.attempts,
                 elapsed_ms,
@@ -194,8 +185,6 @@ fn settled(
         }
         DeadLetter::Skipped(why) => {
             tracing::warn!(
-                %stream,
-                %group,
                 %id,
                 dlq,
                 why,
